@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Builds a real Consul from the Go module proxy for the tests (Consul is not packaged on
+# Debian, PyPI or npm). `go install ...@version` refuses Consul because its go.mod has replace
+# directives, so a tiny wrapper module requires it and builds the main package. Replace and
+# exclude lines of a dependency are ignored by Go, so the wrapper repeats Consul's exclude lines;
+# its replace lines only point at its own sub-folders, which the pinned requires cover.
+# The binary is cached outside the repo and reused; prints its path.
+set -euo pipefail
+version="${CONSUL_VERSION:-v1.22.7}"
+cache="${PGWSHARD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pgwshard}"
+bin="$cache/consul-$version/consul"
+if [ -x "$bin" ]; then echo "$bin"; exit 0; fi
+command -v go >/dev/null || { echo "build-consul: Go is required" >&2; exit 1; }
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+cat > go.mod <<MOD
+module pgwshard.local/consulbuild
+
+go 1.25
+
+require github.com/hashicorp/consul $version
+
+exclude (
+	github.com/hashicorp/go-msgpack v1.1.5
+	github.com/hashicorp/go-msgpack v1.1.6
+)
+MOD
+cat > tools.go <<'SRC'
+//go:build tools
+
+package tools
+
+import _ "github.com/hashicorp/consul"
+SRC
+GOFLAGS=-mod=mod go mod tidy -e >&2 2>&1 || true
+GOFLAGS=-mod=mod go get "github.com/hashicorp/consul@$version" >&2
+mkdir -p "$(dirname "$bin")"
+GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$bin.tmp" github.com/hashicorp/consul >&2
+mv "$bin.tmp" "$bin"
+echo "$bin"
