@@ -1,0 +1,36 @@
+"""Fixtures that start real processes; each is stopped when its test ends."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+
+from tests.support.processes import Consul, Pushgateway, consul_binary
+
+
+@pytest.fixture
+def pushgateways():
+    """Factory: pushgateways(n) starts n real pushgateways; all are stopped afterwards."""
+    started: list[Pushgateway] = []
+
+    def start(n: int = 1, extra_args: list[str] | None = None) -> list[Pushgateway]:
+        new = [Pushgateway(extra_args=extra_args) for _ in range(n)]
+        for pgw in new:
+            started.append(pgw)
+            pgw.start()
+        return new
+
+    yield start
+    for pgw in started:
+        with contextlib.suppress(Exception):
+            pgw.stop()
+
+
+@pytest.fixture
+def consul():
+    """A real Consul dev agent on loopback; skipped when no binary was built."""
+    if consul_binary() is None:
+        pytest.skip("no consul binary (run .ci/build-consul.sh)")
+    agent = Consul().start()
+    yield agent
+    agent.stop()

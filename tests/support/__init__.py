@@ -1,0 +1,1 @@
+"""Helpers that start real processes (pushgateway, Consul, ...) for the tests."""

@@ -1,0 +1,184 @@
+"""Real processes for tests: started on loopback ports chosen here, always stopped.
+
+Every wait is bounded in time; every process is killed on stop even if it ignores SIGTERM.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    """GET url; returns (status, body) for any HTTP answer, raises OSError if none came."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
+    """Poll predicate() until it returns a truthy value or timeout seconds pass."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - a probe may fail while a process starts
+            last_exc = exc
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}" + (f": {last_exc}" if last_exc else ""))
+
+
+class ManagedProcess:
+    """A child process with its output in a log file, stopped on stop() or context exit."""
+
+    def __init__(self, name: str, argv: list[str], env: dict | None = None, cwd: str | None = None):
+        self.name = name
+        self.argv = argv
+        self.env = env
+        self.cwd = cwd
+        self.proc: subprocess.Popen | None = None
+        self.log_path = Path(tempfile.mkstemp(prefix=f"pgwshard-{name}-", suffix=".log")[1])
+
+    def start(self) -> "ManagedProcess":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=self.env, cwd=self.cwd, start_new_session=True,
+        )
+        log.close()
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 5.0, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout)
+        self.proc = None
+
+    def kill(self) -> None:
+        """Die abruptly, as a crashed instance would."""
+        self.stop(sig=signal.SIGKILL)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class Pushgateway(ManagedProcess):
+    """Debian's prometheus-pushgateway on a free loopback port with its own persistence file."""
+
+    BINARY = "prometheus-pushgateway"
+
+    def __init__(self, port: int | None = None, extra_args: list[str] | None = None):
+        self.port = port or free_port()
+        self.data_dir = tempfile.mkdtemp(prefix="pgwshard-pgw-")
+        binary = shutil.which(self.BINARY) or "/usr/bin/prometheus-pushgateway"
+        super().__init__(f"pushgateway-{self.port}", [
+            binary,
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            f"--persistence.file={self.data_dir}/pushgateway.data",
+            "--log.level=warn",
+            *(extra_args or []),
+        ])
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def start(self) -> "Pushgateway":
+        super().start()
+        wait_until(lambda: http_get(self.url + "/-/ready")[0] == 200, 15, what=f"{self.name} ready")
+        return self
+
+    def groups(self) -> list[dict]:
+        """The groups this instance holds, as /api/v1/metrics lists them."""
+        import json
+        status, body = http_get(self.url + "/api/v1/metrics")
+        assert status == 200, body
+        return json.loads(body)["data"]
+
+    def stop(self, timeout: float = 5.0, sig: int = signal.SIGTERM) -> None:
+        super().stop(timeout, sig)
+
+
+def consul_binary() -> str | None:
+    """The consul binary built by .ci/build-consul.sh (cached), or $PGWSHARD_CONSUL, or None."""
+    explicit = os.environ.get("PGWSHARD_CONSUL")
+    if explicit:
+        return explicit if os.access(explicit, os.X_OK) else None
+    found = shutil.which("consul")
+    if found:
+        return found
+    cache = Path(os.environ.get("PGWSHARD_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pgwshard")
+    candidates = sorted(cache.glob("consul-*/consul"))
+    return str(candidates[-1]) if candidates else None
+
+
+class Consul(ManagedProcess):
+    """A real `consul agent -dev` bound to loopback on free ports (no DNS, no gRPC)."""
+
+    def __init__(self, http_port: int | None = None):
+        binary = consul_binary()
+        if binary is None:
+            raise RuntimeError("no consul binary: run .ci/build-consul.sh")
+        self.http_port = http_port or free_port()
+        self.data_dir = tempfile.mkdtemp(prefix="pgwshard-consul-")
+        super().__init__(f"consul-{self.http_port}", [
+            binary, "agent", "-dev", "-log-level=warn",
+            "-bind=127.0.0.1", "-client=127.0.0.1", "-advertise=127.0.0.1",
+            f"-http-port={self.http_port}", "-dns-port=-1", "-grpc-port=-1", "-grpc-tls-port=-1",
+            f"-serf-lan-port={free_port()}", f"-serf-wan-port={free_port()}",
+            f"-server-port={free_port()}", "-node=pgwshard-test",
+        ])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self) -> "Consul":
+        super().start()
+        wait_until(lambda: http_get(self.url + "/v1/status/leader")[1].strip() not in (b"", b'""'),
+                   30, what="consul leader")
+        return self
