@@ -3,7 +3,10 @@
 # Debian, PyPI or npm). `go install ...@version` refuses Consul because its go.mod has replace
 # directives, so a tiny wrapper module requires it and builds the main package. Replace and
 # exclude lines of a dependency are ignored by Go, so the wrapper repeats Consul's exclude lines;
-# its replace lines only point at its own sub-folders, which the pinned requires cover.
+# its replace lines point at its own sub-folders (./api, ./sdk, ...), so the wrapper requires
+# published versions of those modules instead. Consul v1.22.7's own ./api folder is newer than the
+# api v1.33.7 its go.mod names (it uses ACLToken.Name, first published in api v1.34.1), hence the
+# explicit api pin below.
 # The binary is cached outside the repo and reused; prints its path.
 set -euo pipefail
 version="${CONSUL_VERSION:-v1.22.7}"
@@ -19,7 +22,10 @@ module pgwshard.local/consulbuild
 
 go 1.25
 
-require github.com/hashicorp/consul $version
+require (
+	github.com/hashicorp/consul $version
+	github.com/hashicorp/consul/api ${CONSUL_API_VERSION:-v1.34.1}
+)
 
 exclude (
 	github.com/hashicorp/go-msgpack v1.1.5
@@ -34,7 +40,6 @@ package tools
 import _ "github.com/hashicorp/consul"
 SRC
 GOFLAGS=-mod=mod go mod tidy -e >&2 2>&1 || true
-GOFLAGS=-mod=mod go get "github.com/hashicorp/consul@$version" >&2
 mkdir -p "$(dirname "$bin")"
 GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$bin.tmp" github.com/hashicorp/consul >&2
 mv "$bin.tmp" "$bin"
