@@ -4,6 +4,7 @@ Every wait is bounded in time; every process is killed on stop even if it ignore
 """
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -16,6 +17,23 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+
+_TEMP_PATHS: list[str] = []
+
+
+def temp_dir(prefix: str) -> str:
+    """A temporary directory removed when the test session's interpreter exits.
+
+    Not removed on stop(): a test may stop and restart a process on its old data."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    _TEMP_PATHS.append(path)
+    return path
+
+
+@atexit.register
+def _remove_temp_paths() -> None:
+    for path in _TEMP_PATHS:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def free_port() -> int:
@@ -58,7 +76,7 @@ class ManagedProcess:
         self.env = env
         self.cwd = cwd
         self.proc: subprocess.Popen | None = None
-        self.log_path = Path(tempfile.mkstemp(prefix=f"pgwshard-{name}-", suffix=".log")[1])
+        self.log_path = Path(temp_dir(f"pgwshard-{name}-")) / "output.log"
 
     def start(self) -> "ManagedProcess":
         log = open(self.log_path, "ab")
@@ -109,7 +127,7 @@ class Pushgateway(ManagedProcess):
 
     def __init__(self, port: int | None = None, extra_args: list[str] | None = None):
         self.port = port or free_port()
-        self.data_dir = tempfile.mkdtemp(prefix="pgwshard-pgw-")
+        self.data_dir = temp_dir("pgwshard-pgw-")
         binary = shutil.which(self.BINARY) or "/usr/bin/prometheus-pushgateway"
         super().__init__(f"pushgateway-{self.port}", [
             binary,
@@ -164,7 +182,7 @@ class Consul(ManagedProcess):
         if binary is None:
             raise RuntimeError("no consul binary: run .ci/build-consul.sh")
         self.http_port = http_port or free_port()
-        self.data_dir = tempfile.mkdtemp(prefix="pgwshard-consul-")
+        self.data_dir = temp_dir("pgwshard-consul-")
         super().__init__(f"consul-{self.http_port}", [
             binary, "agent", "-dev", "-log-level=warn",
             "-bind=127.0.0.1", "-client=127.0.0.1", "-advertise=127.0.0.1",
