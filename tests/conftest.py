@@ -34,3 +34,20 @@ def consul():
     agent = Consul().start()
     yield agent
     agent.stop()
+
+
+@pytest.fixture
+def plugin_server_factory():
+    """Factory: plugin_server_factory(mode) starts the real pgwshard-plugin; stopped afterwards."""
+    from tests.support.processes import PluginServer
+
+    started = []
+
+    def start(mode: str = "gevent") -> PluginServer:
+        server = PluginServer(mode)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()

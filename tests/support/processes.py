@@ -200,3 +200,43 @@ class Consul(ManagedProcess):
         wait_until(lambda: http_get(self.url + "/v1/status/leader")[1].strip() not in (b"", b'""'),
                    30, what="consul leader")
         return self
+
+
+class PluginServer(ManagedProcess):
+    """The real `pgwshard-plugin` (kong-pdk's server), listening on <prefix>/pgwshard.sock.
+
+    Its watchdog exits when its parent is PID 1, so it is started by the test process itself.
+    """
+
+    def __init__(self, mode: str = "gevent", extra_args: list[str] | None = None):
+        import sys
+        self.prefix = temp_dir("pgwshard-prefix-")
+        flags = {"gevent": ["-g"], "threads": [], "processes": ["-m"]}[mode]
+        super().__init__(f"plugin-server-{mode}", [
+            sys.executable, "-m", "kong_plugin_pgwshard.server", "-p", self.prefix, *flags, *(extra_args or []),
+        ], cwd=str(REPO))
+
+    @property
+    def socket_path(self) -> str:
+        return os.path.join(self.prefix, "pgwshard.sock")
+
+    def start(self) -> "PluginServer":
+        super().start()
+
+        def accepting() -> bool:
+            if not self.running:
+                raise RuntimeError(f"plugin server exited: {self.log()[-2000:]}")
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect(self.socket_path)
+            return True
+
+        wait_until(accepting, 20, what="plugin server socket")
+        return self
+
+    def rss_kib(self) -> int:
+        """Resident memory of the server process, from /proc."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise RuntimeError("no VmRSS")

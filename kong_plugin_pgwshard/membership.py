@@ -1,0 +1,129 @@
+"""Where the plugin's ring comes from.
+
+`ring()` is called on every request: it returns the current immutable Ring and does no I/O and
+takes no lock. Daemon-fed sources refresh in one background thread per source, shared by every
+plugin instance that names the same source (Kong starts a new instance on each config change).
+A failed refresh keeps the last good ring; a successful read of an empty list empties it (the
+plugin then answers 503), because pgwshard-sync only writes an empty set when nothing is healthy.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from typing import Protocol
+
+from .errors import UpstreamError
+from .plugin_config import PluginConfig
+from .ring import Member, Ring
+
+log = logging.getLogger("pgwshard.membership")
+
+
+class Membership(Protocol):
+    def ring(self) -> Ring: ...
+
+
+class StaticMembership:
+    """Members fixed in the plugin config."""
+
+    def __init__(self, members: tuple[Member, ...]):
+        self._ring = Ring(members)
+
+    def ring(self) -> Ring:
+        return self._ring
+
+
+class PolledMembership:
+    """Members read by `fetch()` every `interval` seconds in a background thread."""
+
+    def __init__(self, name: str, fetch: Callable[[], list[Member]], interval: float):
+        self.name = name
+        self._fetch = fetch
+        self._interval = interval
+        self._ring = Ring()
+        self._stop = threading.Event()
+        self.refresh()  # the first read happens at instance start, not on a request
+        self._thread = threading.Thread(target=self._run, name=f"pgwshard-membership {name}", daemon=True)
+        self._thread.start()
+
+    def ring(self) -> Ring:
+        return self._ring
+
+    def refresh(self) -> bool:
+        """Read the members once; on error keep the last good ring. Returns success."""
+        try:
+            members = self._fetch()
+        except (UpstreamError, OSError, ValueError) as err:
+            log.warning("membership %s: read failed, keeping %d members: %s", self.name, len(self._ring), err)
+            return False
+        ring = Ring(members)
+        if ring != self._ring:
+            old = {m.name for m in self._ring.members}
+            new = {m.name for m in ring.members}
+            log.warning("membership %s: now %d members (added %s, removed %s)", self.name, len(ring),
+                        sorted(new - old) or "none", sorted(old - new) or "none")
+            self._ring = ring
+        return True
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.refresh()
+
+
+def read_file_sd(path: str) -> list[Member]:
+    """Members listed in a Prometheus file_sd JSON file (every group's targets)."""
+    with open(path, encoding="utf-8") as f:
+        groups = json.load(f)
+    if not isinstance(groups, list):
+        raise ValueError(f"{path}: expected a JSON list of target groups")
+    return [Member.parse(target) for group in groups for target in group.get("targets", [])]
+
+
+def read_upstream_targets(admin_url: str, upstream: str, token: str | None, timeout: float = 2.0) -> list[Member]:
+    """The targets of a Kong upstream, following the Admin API's pagination."""
+    headers = {"Kong-Admin-Token": token} if token else {}
+    url: str | None = f"{admin_url}/upstreams/{urllib.parse.quote(upstream, safe='')}/targets?size=1000"
+    members: list[Member] = []
+    for _ in range(1000):  # bounded: 1000 pages of 1000 targets
+        if url is None:
+            return members
+        request = urllib.request.Request(url, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as resp:
+                page = json.load(resp)
+        except OSError as err:  # URLError and HTTPError are OSErrors
+            raise UpstreamError(f"GET {url.split('?')[0]}: {err}") from None
+        members += [Member.parse(t["target"], int(t.get("weight", 100))) for t in page.get("data", [])]
+        url = urllib.parse.urljoin(admin_url + "/", page["next"]) if page.get("next") else None
+    raise UpstreamError(f"too many pages of targets for upstream {upstream}")
+
+
+_shared: dict[tuple, PolledMembership] = {}
+_shared_lock = threading.Lock()
+
+
+def membership_for(config: PluginConfig) -> Membership:
+    """The membership source a plugin config names, shared with instances naming the same one."""
+    if config.membership == "static":
+        return StaticMembership(config.nodes)
+    if config.membership == "file":
+        key: tuple = ("file", config.membership_file, config.refresh_interval)
+        path = config.membership_file
+        fetch = lambda: read_file_sd(path)  # noqa: E731
+        name = f"file {path}"
+    else:
+        key = ("upstream", config.admin_url, config.upstream, config.refresh_interval)
+        admin_url, upstream, token = config.admin_url, config.upstream, config.admin_token
+        fetch = lambda: read_upstream_targets(admin_url, upstream, token)  # noqa: E731
+        name = f"upstream {upstream} at {admin_url}"
+    with _shared_lock:
+        if key not in _shared:
+            _shared[key] = PolledMembership(name, fetch, config.refresh_interval)
+        return _shared[key]

@@ -1,0 +1,144 @@
+"""The real plugin server, driven over its unix socket exactly as Kong drives it."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kong_plugin_pgwshard.grouping import parse_push_path
+from kong_plugin_pgwshard.ring import Member, Ring
+from tests.support.kong_rpc import KongRPC, Request, RPCError, run_access
+
+NODES = ["127.0.0.1:9101", "127.0.0.1:9102", "127.0.0.1:9103"]
+RING = Ring(Member.parse(n) for n in NODES)
+# What Kong adds to every plugin config it sends (kong/runloop/plugin_servers).
+KONG_EXTRAS = {"route_id": "7f3c0d1e-0000-4000-8000-000000000001", "service_id": None, "consumer_id": None,
+               "__seq__": 3, "__plugin_id": "b1a0", "__key__": "plugins:pgwshard:...", "protocols": ["http"]}
+
+
+@pytest.fixture(params=["gevent", "threads"])
+def server(request, plugin_server_factory):
+    return plugin_server_factory(request.param)
+
+
+@pytest.fixture
+def rpc(server):
+    client = KongRPC(server.socket_path)
+    yield client
+    client.close()
+
+
+def start(rpc, **config):
+    return rpc.start_instance("pgwshard", {**KONG_EXTRAS, "nodes": NODES, **config})
+
+
+def test_dump_lists_what_kong_asks_for():
+    out = subprocess.run([sys.executable, "-m", "kong_plugin_pgwshard.server", "--dump"],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    (info,) = json.loads(out)
+    assert info["Name"] == "pgwshard" and info["Phases"] == ["access"]
+    assert isinstance(info["Priority"], int) and info["Version"]
+    fields = info["Schema"]["fields"][0]["config"]["fields"]
+    assert {name for f in fields for name in f} >= {"membership", "nodes", "upstream", "route_prefix"}
+
+
+def test_push_goes_to_the_owner_of_its_group(rpc):
+    iid = start(rpc)
+    for path in ["/metrics/job/batch", "/metrics/job/batch/instance/a", "/metrics/job/nightly/shard/7/dc/x"]:
+        req = run_access(rpc, iid, Request(path))
+        owner = RING.owner(parse_push_path(path))
+        assert req.target == (owner.host, owner.port), path
+        assert req.exit is None
+
+
+def test_every_spelling_of_a_group_reaches_one_owner(rpc):
+    iid = start(rpc)
+    spellings = ["/metrics/job/j/a/1/b/2", "/metrics/job/j/b/2/a/1", "/metrics/job@base64/ag/a@base64/MQ==/b/2",
+                 "/metrics/job/j/job/other/a/1/b/2", "/metrics/job/j/a/0/a/1/b/2?x=y", "/metrics/job/%6A/a/1/b/%32"]
+    targets = {run_access(rpc, iid, Request(p)).target for p in spellings}
+    assert len(targets) == 1 and None not in targets
+
+
+def test_reads_are_left_to_the_route(rpc):
+    iid = start(rpc)
+    for path, method in [("/metrics", "GET"), ("/api/v1/metrics", "GET"), ("/-/healthy", "GET"), ("/", "GET")]:
+        req = run_access(rpc, iid, Request(path, method))
+        assert req.target is None and req.exit is None
+        assert [c[0] for c in req.calls] == ["kong.request.get_raw_path"]
+
+
+def test_push_costs_two_pdk_calls(rpc):
+    iid = start(rpc)
+    req = run_access(rpc, iid, Request("/metrics/job/x/a/b"))
+    assert [c[0] for c in req.calls] == ["kong.request.get_raw_path", "kong.service.set_target"]
+
+
+@pytest.mark.parametrize("path, problem", [
+    ("/metrics/job/x/a", "odd number of components"),
+    ("/metrics/job/", "job name is required"),
+    ("/metrics/job/x/__a/1", 'improper label name "__a"'),
+    ("/metrics/job/x/a@base64/gA", "not valid UTF-8"),
+    ("/metrics/job/x/a/%zz", "invalid URL escape"),
+])
+def test_bad_push_path_is_answered_400_by_the_gateway(rpc, path, problem):
+    iid = start(rpc)
+    req = run_access(rpc, iid, Request(path))
+    assert req.target is None
+    status, body = req.exit
+    assert status == 400 and problem in body["message"]
+
+
+def test_no_members_is_503(rpc, tmp_path):
+    sd = tmp_path / "members.json"
+    sd.write_text("[]")
+    iid = rpc.start_instance("pgwshard", {"membership": "file", "membership_file": str(sd)})
+    req = run_access(rpc, iid, Request("/metrics/job/x"))
+    assert req.exit[0] == 503 and "no healthy pushgateway" in req.exit[1]["message"]
+
+
+def test_route_prefix(rpc):
+    iid = start(rpc, route_prefix="/pgw")
+    assert run_access(rpc, iid, Request("/pgw/metrics/job/x")).target == _owner("/metrics/job/x")
+    assert run_access(rpc, iid, Request("/metrics/job/x")).target is None  # not under the prefix
+
+
+def test_unknown_instance_says_no_plugin_instance(rpc):
+    with pytest.raises(RPCError, match="no plugin instance"):
+        rpc.call("plugin.HandleEvent", {"InstanceId": 987654, "EventName": "access"})
+
+
+@pytest.mark.parametrize("config, field", [
+    ({"nodes": ["not-a-node"]}, "nodes[0]"),
+    ({"membership": "dns"}, "membership"),
+    ({"membership": "upstream"}, "upstream"),
+    ({"refresh_interval": -1}, "refresh_interval"),
+])
+def test_bad_config_fails_instance_start_naming_the_field(rpc, config, field):
+    with pytest.raises(RPCError, match=f"at '{field}'" .replace("[", r"\[").replace("]", r"\]")):
+        start(rpc, **config)
+    # the server still serves
+    iid = start(rpc)
+    assert run_access(rpc, iid, Request("/metrics/job/x")).target is not None
+
+
+def test_step_on_another_connection_than_its_event(rpc):
+    iid = start(rpc)
+    req = run_access(rpc, iid, Request("/metrics/job/x/i/1"), rotate_connections=True)
+    assert req.target == _owner("/metrics/job/x/i/1")
+    assert rpc.connections_opened >= 2
+
+
+def test_instances_restart_after_a_config_change(rpc):
+    old = start(rpc)
+    new = start(rpc, nodes=["127.0.0.1:9201"])
+    rpc.call("plugin.CloseInstance", old)
+    assert run_access(rpc, new, Request("/metrics/job/x")).target == ("127.0.0.1", 9201)
+    with pytest.raises(RPCError, match="no plugin instance"):
+        rpc.call("plugin.HandleEvent", {"InstanceId": old, "EventName": "access"})
+
+
+def _owner(path):
+    owner = RING.owner(parse_push_path(path))
+    return owner.host, owner.port
