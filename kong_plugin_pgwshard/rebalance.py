@@ -138,7 +138,7 @@ class Rebalancer:
             if move.action == SKIP or move.target in dead_owners:
                 report.skipped += 1
                 continue
-            if move.action == DELETE:
+            if move.action == DELETE and move.source != move.target:
                 self._delete(move, report)
                 continue
             try:
@@ -150,6 +150,10 @@ class Rebalancer:
                 report.skipped += 1
                 continue
             current = owner_now.get(move.key)
+            if move.action == DELETE:  # a stale copy on the owner itself: only if still unchanged
+                if current is not None and _pushed_at(current) == move.pushed_at:
+                    self._delete(move, report)
+                continue
             if current is not None and _pushed_at(current) >= move.pushed_at:
                 # A client pushed to the owner since the survey: its copy wins.
                 self._delete(move, report)
@@ -161,6 +165,7 @@ class Rebalancer:
             except UpstreamError as exc:
                 report.failed += 1
                 report.errors.append(str(exc))
+                self._remove_husk(move)
                 continue
             owner_now[move.key] = group
             self._remember(move.key, move.pushed_at, move.target)
@@ -220,7 +225,14 @@ class Rebalancer:
 
     def _plan_group(self, key: GroupingKey, owner: str, copies: Mapping[str, Group]) -> list[Move]:
         strays = {name: g for name, g in copies.items() if name != owner}
+        at_owner = copies.get(owner)
+        seen = self._newest.get(key)
         if not strays:
+            if (at_owner is not None and seen is not None and seen.pushed_at > _pushed_at(at_owner)
+                    and seen.instance not in self.unreachable):
+                # e.g. the owner came back with an old copy of a group deleted while it was away
+                return [Move(key, owner, owner, DELETE, "group was deleted after a newer push",
+                             _pushed_at(at_owner))]
             return []
 
         def step(name: str, action: str, reason: str) -> Move:
@@ -230,11 +242,9 @@ class Rebalancer:
             return [step(name, SKIP, "owner unreachable") for name in sorted(strays)]
         newest = max(sorted(strays), key=lambda name: _pushed_at(strays[name]))
         newest_at = _pushed_at(strays[newest])
-        at_owner = copies.get(owner)
         if at_owner is not None and _pushed_at(at_owner) >= newest_at:
             return [step(name, DELETE, "owner holds a newer copy") for name in sorted(strays)]
-        seen = self._newest.get(key)
-        if seen is not None and seen.pushed_at > newest_at:
+        if seen is not None and seen.pushed_at > max(newest_at, _pushed_at(at_owner) if at_owner else 0.0):
             if seen.instance in self.unreachable:
                 return [step(name, SKIP, f"newer copy on unreachable {seen.instance}")
                         for name in sorted(strays)]
@@ -253,6 +263,16 @@ class Rebalancer:
             listed = (self._clock(), {g.key: g for g in self._client(owner).groups()})
             cache[owner] = listed
         return listed[1]
+
+    def _remove_husk(self, move: Move) -> None:
+        # A rejected PUT (e.g. a type clash with another group) still leaves an empty group
+        # with push_time_seconds 0 on the owner; remove it, the source keeps the data.
+        try:
+            husk = {g.key: g for g in self._client(move.target).groups()}.get(move.key)
+            if husk is not None and husk.push_time == 0 and not husk.families:
+                self._client(move.target).delete_group(move.key)
+        except UpstreamError:
+            pass  # the next pass sees the husk as an older copy and tries again
 
     def _delete(self, move: Move, report: ReconcileReport, count: bool = True) -> None:
         try:
