@@ -125,9 +125,11 @@ class Pushgateway(ManagedProcess):
 
     BINARY = "prometheus-pushgateway"
 
-    def __init__(self, port: int | None = None, extra_args: list[str] | None = None):
+    def __init__(self, port: int | None = None, extra_args: list[str] | None = None,
+                 data_dir: str | None = None):
+        """data_dir: reuse another instance's persistence (restart with other flags)."""
         self.port = port or free_port()
-        self.data_dir = temp_dir("pgwshard-pgw-")
+        self.data_dir = data_dir or temp_dir("pgwshard-pgw-")
         binary = shutil.which(self.BINARY) or "/usr/bin/prometheus-pushgateway"
         super().__init__(f"pushgateway-{self.port}", [
             binary,
