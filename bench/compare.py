@@ -1,0 +1,185 @@
+#!/usr/bin/env python3
+"""Side by side on one box, one load generator (Debian's wrk):
+
+  direct   one pushgateway, no proxy
+  native   nginx's own `hash $request_uri consistent` over N pushgateways
+  plugin   the pgwshard plugin through the OpenResty host over N pushgateways
+
+for G groups and N shards. Prints pushes/s, p50 and p99, and the ratios the goals name:
+plugin / native >= 0.8 (while pushgateways are not the bottleneck), and N=4 / direct >= 8 at
+4000 groups (each push makes a pushgateway re-check every group it holds, so sharding should
+pay more than linearly).
+
+Groups are preloaded with the consistency check off (fast), then the same pushgateways restart
+on their persistence files with the check on, as in production.
+
+usage: python bench/compare.py [--groups 100,2000,4000,10000] [--shards 1,2,4] [--seconds 10]
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import http.client
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.support.processes import ManagedProcess, Pushgateway, free_port, http_get, temp_dir, wait_until  # noqa: E402
+
+BODY = b"# TYPE bench_last_success gauge\nbench_last_success 1\n# TYPE bench_items counter\nbench_items 42\n"
+NO_CHECK = ["--push.disable-consistency-check"]
+
+
+class NativeHashNginx(ManagedProcess):
+    """nginx with its own consistent hash on $request_uri: the baseline to beat."""
+
+    def __init__(self, backends: list[str]):
+        self.port = free_port()
+        self.prefix = temp_dir("pgwshard-nginx-native-")
+        servers = "\n".join(f"        server {b} max_fails=0;" for b in backends)
+        conf = Path(self.prefix) / "nginx.conf"
+        conf.write_text(textwrap.dedent(f"""\
+            worker_processes 2;
+            pid {self.prefix}/nginx.pid;
+            error_log {self.prefix}/error.log warn;
+            events {{ worker_connections 1024; }}
+            http {{
+                access_log off;
+                client_body_temp_path {self.prefix}/body;
+                proxy_temp_path {self.prefix}/proxy;
+                upstream pushgateways {{
+                    hash $request_uri consistent;
+            {servers}
+                    keepalive 64;
+                }}
+                server {{
+                    listen 127.0.0.1:{self.port};
+                    location / {{
+                        proxy_pass http://pushgateways;
+                        proxy_http_version 1.1;
+                        proxy_set_header Connection "";
+                    }}
+                }}
+            }}
+            """))
+        super().__init__("nginx-native", ["nginx", "-p", self.prefix, "-c", str(conf), "-g", "daemon off;"])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self):
+        super().start()
+        wait_until(lambda: http_get(self.url + "/-/healthy")[0] == 200, 10, what="nginx native")
+        return self
+
+
+def preload(url: str, groups: int) -> float:
+    """PUT every group once through the front under test; returns seconds taken."""
+    host, port = url.removeprefix("http://").split(":")
+    started = time.monotonic()
+
+    def put_range(chunk: range) -> None:
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        for i in chunk:
+            conn.request("PUT", f"/metrics/job/bench/instance/i{i}", BODY)
+            resp = conn.getresponse()
+            resp.read()
+            if resp.status >= 300:
+                raise RuntimeError(f"preload push {i}: {resp.status}")
+        conn.close()
+
+    step = max(1, groups // 8)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(put_range, [range(i, min(i + step, groups)) for i in range(0, groups, step)]))
+    return time.monotonic() - started
+
+
+def wrk(url: str, groups: int, seconds: int, connections: int) -> dict:
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(REPO / "bench/push.lua"),
+         url, "--", str(groups)],
+        capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
+    m = re.search(r"RESULT requests=(\d+) duration_us=(\d+) errors=(\d+) p50_us=(\d+) p99_us=(\d+) non2xx=(\d+)", out)
+    if not m:
+        raise RuntimeError(f"wrk printed no RESULT line:\n{out}")
+    requests, duration, errors, p50, p99, non2xx = map(int, m.groups())
+    return {"rps": requests / (duration / 1e6), "p50_ms": p50 / 1000, "p99_ms": p99 / 1000,
+            "errors": errors + non2xx}
+
+
+def run_case(mode: str, groups: int, shards: int, seconds: int, connections: int) -> dict:
+    pgws = [Pushgateway(extra_args=NO_CHECK).start() for _ in range(shards)]
+    front = None
+    try:
+        front = start_front(mode, pgws)
+        load_s = preload(front.url, groups)
+        # Restart each instance on its persisted groups with the consistency check on.
+        for i, pgw in enumerate(pgws):
+            pgw.stop()
+            pgws[i] = Pushgateway(port=pgw.port, data_dir=pgw.data_dir).start()
+        held = sum(len(p.groups()) for p in pgws)
+        result = wrk(front.url, groups, seconds, connections)
+        result.update(preload_s=load_s, held=held)
+        return result
+    finally:
+        if front:
+            front.stop()
+        for pgw in pgws:
+            pgw.stop()
+
+
+def start_front(mode: str, pgws: list[Pushgateway]):
+    if mode == "direct":
+        return pgws[0]
+    if mode == "native":
+        return NativeHashNginx([p.address for p in pgws]).start()
+    if mode == "plugin":
+        from tests.support.nginx_host import PluginHostStack
+        return PluginHostStack([p.address for p in pgws]).start()
+    raise ValueError(mode)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--groups", default="100,2000,4000,10000")
+    parser.add_argument("--shards", default="1,2,4")
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--modes", default="direct,native,plugin")
+    args = parser.parse_args()
+    for tool in ("wrk", "nginx", "prometheus-pushgateway"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} not found: apt-get install wrk nginx-light libnginx-mod-http-lua prometheus-pushgateway")
+    modes = args.modes.split(",")
+    rows = []
+    print(f"{'groups':>6} {'mode':>7} {'N':>2} {'pushes/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'preload s':>9}")
+    for groups in map(int, args.groups.split(",")):
+        for mode in modes:
+            for shards in ([1] if mode == "direct" else map(int, args.shards.split(","))):
+                r = run_case(mode, groups, shards, args.seconds, args.connections)
+                rows.append((groups, mode, shards, r))
+                print(f"{groups:>6} {mode:>7} {shards:>2} {r['rps']:>9.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
+                      f"{r['errors']:>6} {r['preload_s']:>9.1f}", flush=True)
+    print("\nratios")
+    by = {(g, m, n): r["rps"] for g, m, n, r in rows}
+    for groups in sorted({g for g, *_ in rows}):
+        for shards in sorted({n for _, _, n, _ in rows}):
+            if (groups, "plugin", shards) in by and (groups, "native", shards) in by:
+                print(f"  G={groups:<6} N={shards}: plugin/native = {by[groups, 'plugin', shards] / by[groups, 'native', shards]:.2f}"
+                      "   (goal >= 0.8 while pushgateways are not the bottleneck)")
+        for mode in ("native", "plugin"):
+            if (groups, mode, 4) in by and (groups, "direct", 1) in by:
+                print(f"  G={groups:<6} {mode} N=4 / direct = {by[groups, mode, 4] / by[groups, 'direct', 1]:.1f}x"
+                      + ("   (goal >= 8x at 4000 groups)" if groups == 4000 else ""))
+
+
+if __name__ == "__main__":
+    main()
