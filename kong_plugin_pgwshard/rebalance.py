@@ -10,8 +10,9 @@ ring the plugin routes with) who owns each, and for every copy on a non-owner de
   it (a client deleted it there)  -> the older copies are stale remains: delete them, never copy.
 
 "Newest" compares when the data was pushed by a client: a copy made by the rebalancer carries
-the original push time in MARKER_FAMILY, because Pushgateway stamps push_time_seconds itself and
-ignores a pushed one. docs/rebalancing.md explains this and the window that remains.
+the original push time in MARKER_FAMILY (and its own time in MOVED_FAMILY), because Pushgateway
+stamps push_time_seconds itself and ignores a pushed one. docs/rebalancing.md explains this, the
+alert expression that stays honest, and the window that remains.
 """
 from __future__ import annotations
 
@@ -30,6 +31,10 @@ from .ring import Member, Ring
 
 MARKER_FAMILY = "pgwshard_original_push_time_seconds"
 MARKER_HELP = "Last Unix time a client pushed this group, kept when pgwshard moved the group."
+MOVED_FAMILY = "pgwshard_moved_time_seconds"
+MOVED_HELP = "Unix time pgwshard copied this group here; push_time_seconds is then this copy's."
+# push_time_seconds of a fresh copy trails MOVED_FAMILY by the PUT's latency (and clock skew).
+MARKER_SLACK_SECONDS = 10.0
 
 COPY = "copy"
 DELETE = "delete"
@@ -300,21 +305,35 @@ class Rebalancer:
 
 
 def _pushed_at(group: Group) -> float:
-    """When a client pushed this copy's data: the marker of a moved copy, else push_time."""
-    marker = group.families.get(MARKER_FAMILY)
-    if marker:
-        try:
-            return float(marker["metrics"][0]["value"])
-        except (KeyError, IndexError, TypeError, ValueError):
-            pass
+    """When a client pushed this copy's data.
+
+    A copy the rebalancer wrote carries the client's time in MARKER_FAMILY and the copy's own
+    time in MOVED_FAMILY. The marker counts only while push_time_seconds is still the copy's
+    stamp: once a client pushes again (a POST keeps both families), push_time_seconds is newer.
+    """
+    original, moved = _gauge(group, MARKER_FAMILY), _gauge(group, MOVED_FAMILY)
+    if original is not None and moved is not None and group.push_time - moved <= MARKER_SLACK_SECONDS:
+        return original
     return group.push_time
+
+
+def _gauge(group: Group, name: str) -> float | None:
+    family = group.families.get(name)
+    try:
+        return float(family["metrics"][0]["value"]) if family else None
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
 
 
 def _copy_text(group: Group) -> str:
     families = dict(group.families)
-    families[MARKER_FAMILY] = {"type": "GAUGE", "help": MARKER_HELP,
-                               "metrics": [{"labels": {}, "value": repr(_pushed_at(group))}]}
+    families[MARKER_FAMILY] = _gauge_family(MARKER_HELP, _pushed_at(group))
+    families[MOVED_FAMILY] = _gauge_family(MOVED_HELP, time.time())
     return families_to_text(families, dict(group.key.labels))
+
+
+def _gauge_family(help_text: str, value: float) -> dict[str, Any]:
+    return {"type": "GAUGE", "help": help_text, "metrics": [{"labels": {}, "value": repr(value)}]}
 
 
 def _name(instance: Member | str) -> str:

@@ -1,6 +1,9 @@
 """Rebalancing with real pushgateways (and a real Prometheus watching them)."""
 from __future__ import annotations
 
+import time
+import urllib.request
+
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -298,3 +301,34 @@ def _owners_seen(prom) -> dict[str, str]:
 
 def _key_labels(metric: dict) -> tuple:
     return tuple(sorted((k, v) for k, v in metric.items() if k in ("job", "instance")))
+
+
+# docs/rebalancing.md recommends this expression for "when did a client last push this group";
+# here with a 2 s slack instead of 10 s so the test need not wait long.
+LAST_PUSH = ("pgwshard_original_push_time_seconds and (push_time_seconds - pgwshard_moved_time_seconds < 2)"
+             " or push_time_seconds")
+
+
+def test_alerts_on_push_time_stay_honest_after_a_move(pushgateways, prometheus):
+    pgws = pushgateways(2)
+    prom = prometheus([p.address for p in pgws])
+    key = KEYS[0]
+    push(pgws[0], key, 1)
+    [original] = PushgatewayClient(pgws[0].address).groups()
+    Rebalancer(max_ops_per_second=500).reconcile(Ring([Member.parse(pgws[1].address)]), pgws_addresses(pgws))
+    [copy] = PushgatewayClient(pgws[1].address).groups()
+
+    def last_push() -> list[tuple[str, float]]:
+        return [(r["metric"]["pgw"], float(r["value"][1])) for r in prom.query(LAST_PUSH)]
+
+    # The moved group still says when the client pushed, not when it was copied.
+    wait_until(lambda: last_push() == [(pgws[1].address, original.push_time)], 20, what="moved group scraped")
+    assert copy.push_time > original.push_time
+
+    # A client adds to the group later with POST (both pgwshard families stay): now its push counts.
+    wait_until(lambda: time.time() > copy.push_time + 2.5, 5, what="slack passed")
+    post = urllib.request.Request(pgws[1].url + key.path(), data=b"extra 1\n", method="POST")
+    urllib.request.urlopen(post, timeout=5).close()
+    [posted] = PushgatewayClient(pgws[1].address).groups()
+    assert MARKER_FAMILY in posted.families
+    wait_until(lambda: last_push() == [(pgws[1].address, posted.push_time)], 20, what="POST seen")
