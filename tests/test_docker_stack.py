@@ -312,6 +312,22 @@ def test_prometheus_scrapes_passing_pushgateways_from_consul():
     assert keep == [{"source_labels": ["__meta_consul_health"], "regex": "passing", "action": "keep"}]
 
 
+def test_prometheus_config_passes_promtool(tmp_path):
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool is not installed")
+    config = yaml.safe_load(_bind_mounts("prometheus")["/etc/prometheus/prometheus.yml"].read_text())
+    # Debian builds Prometheus without Consul discovery (the prom/prometheus image has it), so
+    # the Consul block is swapped for an equivalent static target; the rest is checked as is.
+    for job in config["scrape_configs"]:
+        if job.pop("consul_sd_configs", None) is not None:
+            job["static_configs"] = [{"targets": ["pushgateway-1:9091"]}]
+    checked = tmp_path / "prometheus.yml"
+    checked.write_text(yaml.safe_dump(config))
+    result = subprocess.run(["promtool", "check", "config", str(checked)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_declarative_file_passes_deck_validate():
     if shutil.which("deck") is None:
         pytest.skip("deck is not installed")
