@@ -118,7 +118,8 @@ def main() -> None:
 
         print(f"groups moved on 4 -> 5: {report.moved if passes == 1 else 'see passes'} "
               f"(ring predicts {expected}); passes: {passes}; failed: {report.failed}")
-        print(f"seconds to converge: {converge:.1f} (max_ops_per_second={args.max_ops:g})")
+        print(f"seconds to converge: {converge:.1f} (max_ops_per_second={args.max_ops:g}); "
+              f"longest owner re-check to PUT end: {report.window_seconds * 1000:.0f} ms")
         print(f"duplicates left: {duplicates}; not on owner: {misplaced}; missing: {missing}")
         print(f"live pushes/s: before {before:.0f}, during rebalance {during:.0f} "
               f"({during / before:.0%} of before); live push errors: {counts[1]}")

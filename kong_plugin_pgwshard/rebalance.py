@@ -62,6 +62,9 @@ class ReconcileReport:
     skipped: int = 0
     failed: int = 0
     seconds: float = 0.0
+    # Longest time from re-checking an owner to the end of a PUT on it: the window in which a
+    # client's push to the owner could still be overwritten by an older copy.
+    window_seconds: float = 0.0
     unreachable: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -147,7 +150,7 @@ class Rebalancer:
                 self._delete(move, report)
                 continue
             try:
-                owner_now = self._owner_listing(move.target, owner_listing)
+                listed_at, owner_now = self._owner_listing(move.target, owner_listing)
             except UpstreamError as exc:
                 dead_owners.add(move.target)
                 report.unreachable.append(move.target)
@@ -173,6 +176,7 @@ class Rebalancer:
                 self._remove_husk(move)
                 continue
             owner_now[move.key] = group
+            report.window_seconds = max(report.window_seconds, self._clock() - listed_at)
             self._remember(move.key, move.pushed_at, move.target)
             report.moved += 1
             self._delete(move, report, count=False)
@@ -262,12 +266,12 @@ class Rebalancer:
     # -- writes --------------------------------------------------------------------------
 
     def _owner_listing(self, owner: str, cache: dict[str, tuple[float, dict[GroupingKey, Group]]]
-                       ) -> dict[GroupingKey, Group]:
+                       ) -> tuple[float, dict[GroupingKey, Group]]:
         listed = cache.get(owner)
         if listed is None or self._clock() - listed[0] > self.recheck_max_age:
             listed = (self._clock(), {g.key: g for g in self._client(owner).groups()})
             cache[owner] = listed
-        return listed[1]
+        return listed
 
     def _remove_husk(self, move: Move) -> None:
         # A rejected PUT (e.g. a type clash with another group) still leaves an empty group
