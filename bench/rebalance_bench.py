@@ -3,7 +3,7 @@
 Prints: preload time, groups moved, seconds to converge, duplicates left (must be 0), and the
 throughput of live pushes (routed by the new ring) before and during the rebalance.
 
-    /tmp/venv/bin/python bench/rebalance_bench.py [--groups 10000] [--max-ops 200]
+    /tmp/venv/bin/python bench/rebalance_bench.py [--groups 10000] [--max-ops 50]
 
 Instances are realistic (consistency check on, as shipped), so the preload is a PUT per group
 with a few concurrent clients; it is timed and printed too.
@@ -54,7 +54,7 @@ def measure(window: float, counts: list[int]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--groups", type=int, default=10_000)
-    parser.add_argument("--max-ops", type=float, default=200.0, help="rebalancer max_ops_per_second")
+    parser.add_argument("--max-ops", type=float, default=50.0, help="rebalancer max_ops_per_second")
     parser.add_argument("--concurrency", type=int, default=8, help="preload clients")
     parser.add_argument("--live-clients", type=int, default=2)
     args = parser.parse_args()
