@@ -1,0 +1,73 @@
+"""`pgwshard`: operator commands.
+
+    pgwshard locate [--nodes H:P,H:P | --nodes-file SD.json] [--prefix P] PATH...
+        the canonical grouping key and the owning pushgateway of each push path
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import GroupingKeyError, NoMembersError
+from .grouping import parse_push_path
+from .membership import read_file_sd
+from .ring import Member, Ring
+
+NODES_ENV = "PGWSHARD_NODES"
+
+
+def add_membership_arguments(parser: argparse.ArgumentParser) -> None:
+    """--nodes / --nodes-file, shared by every command that needs the ring."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--nodes", help=f"pushgateways as host:port,host:port (default: ${NODES_ENV})")
+    group.add_argument("--nodes-file", help="a Prometheus file_sd JSON file listing the pushgateways "
+                                             "(pgwshard-sync's file sink writes one)")
+
+
+def ring_from_arguments(args: argparse.Namespace) -> Ring:
+    """The ring the arguments name; exits with a message when they name none."""
+    try:
+        if args.nodes_file:
+            return Ring(read_file_sd(args.nodes_file))
+        text = args.nodes or os.environ.get(NODES_ENV, "")
+        return Ring(Member.parse(n) for n in text.split(",") if n.strip())
+    except (OSError, ValueError) as err:
+        sys.exit(f"pgwshard: bad membership: {err}")
+
+
+def locate(args: argparse.Namespace) -> int:
+    ring = ring_from_arguments(args)
+    status = 0
+    for path in args.paths:
+        try:
+            key = parse_push_path(path, args.prefix)
+            if key is None:
+                print(f"{path}\tnot a push path (left to the route's upstream)")
+                continue
+            print(f"{path}\t{key}\t{ring.owner(key).name}")
+        except (GroupingKeyError, NoMembersError) as err:
+            print(f"{path}\terror: {err}")
+            status = 1
+    return status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pgwshard", description="pgwshard operator commands")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("locate", help="which pushgateway owns each push path")
+    add_membership_arguments(p)
+    p.add_argument("--prefix", default="", help="route prefix before /metrics/job")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="push paths as a client sends them")
+    p.set_defaults(run=locate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    sys.exit(args.run(args))
+
+
+if __name__ == "__main__":
+    main()
