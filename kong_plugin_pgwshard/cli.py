@@ -2,6 +2,8 @@
 
     pgwshard locate [--nodes H:P,H:P | --nodes-file SD.json] [--prefix P] PATH...
         the canonical grouping key and the owning pushgateway of each push path
+    pgwshard rebalance [--nodes H:P,H:P | --nodes-file SD.json] [--instances H:P,...] [--dry-run]
+        move every group to its owner on the ring (docs/rebalancing.md); --dry-run prints the plan
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import sys
 from .errors import GroupingKeyError, NoMembersError
 from .grouping import parse_push_path
 from .membership import read_file_sd
+from .rebalance import Rebalancer
 from .ring import Member, Ring
 
 NODES_ENV = "PGWSHARD_NODES"
@@ -52,6 +55,29 @@ def locate(args: argparse.Namespace) -> int:
     return status
 
 
+def rebalance(args: argparse.Namespace) -> int:
+    """Print the plan (--dry-run) or run one reconciliation and print its report."""
+    ring = ring_from_arguments(args)
+    if not len(ring):
+        sys.exit("pgwshard: rebalance needs the ring's members (--nodes, --nodes-file or $PGWSHARD_NODES)")
+    try:
+        instances = [Member.parse(n) for n in (args.instances or "").split(",") if n.strip()]
+        rebalancer = Rebalancer(max_ops_per_second=args.max_ops_per_second, timeout=args.timeout)
+    except ValueError as err:
+        sys.exit(f"pgwshard: rebalance: {err}")
+    if args.dry_run:
+        for move in rebalancer.plan(ring, instances):
+            print(f"{move.key}\t{move.source}\t{move.target}\t{move.action}\t{move.reason}")
+        for name in rebalancer.unreachable:
+            print(f"pgwshard: {name} is unreachable: its groups are not in the plan", file=sys.stderr)
+        return 1 if rebalancer.unreachable else 0
+    report = rebalancer.reconcile(ring, instances)
+    print(report)
+    for error in report.errors:
+        print(f"pgwshard: {error}", file=sys.stderr)
+    return 1 if report.failed or report.unreachable else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pgwshard", description="pgwshard operator commands")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default="", help="route prefix before /metrics/job")
     p.add_argument("paths", nargs="+", metavar="PATH", help="push paths as a client sends them")
     p.set_defaults(run=locate)
+
+    p = commands.add_parser("rebalance", help="move every group to the pushgateway that owns it")
+    add_membership_arguments(p)
+    p.add_argument("--instances", help="more pushgateways to drain (host:port,...), e.g. ones that "
+                                       "left the ring but still run; ring members are always included")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (group, from, to, action) "
+                                                          "and change nothing")
+    p.add_argument("--max-ops-per-second", type=float, default=50.0, help="pace of PUTs and DELETEs")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per pushgateway request")
+    p.set_defaults(run=rebalance)
     return parser
 
 
