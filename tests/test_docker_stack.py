@@ -193,6 +193,21 @@ def test_every_file_the_stack_names_exists():
                 assert (REPO / source).exists(), f"Dockerfile copies {source}, not in the repo"
 
 
+def test_image_copies_what_pip_needs_and_links_the_packaged_commands():
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    copied = {source for word, rest in _dockerfile_instructions() if word == "COPY"
+              for source in [arg for arg in shlex.split(rest) if not arg.startswith("--")][:-1]}
+    # setuptools reads the readme and finds the packages: without them `pip install` fails.
+    needed = {"pyproject.toml", project["project"]["readme"],
+              *(p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"])}
+    assert needed <= copied, f"the image lacks {needed - copied}"
+    links = re.findall(r"ln -s /opt/pgwshard/bin/(\S+) /usr/local/bin/(\S+?);",
+                       " ".join(rest for word, rest in _dockerfile_instructions() if word == "RUN"))
+    assert {src for src, dst in links if src == dst} == set(project["project"]["scripts"])
+
+
 def test_build_context_ignore_file_keeps_what_the_dockerfile_copies():
     patterns = [line.strip() for line in (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
