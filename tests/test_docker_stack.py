@@ -350,6 +350,21 @@ def test_prometheus_config_passes_promtool(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_readme_says_where_its_example_pushes_land():
+    from kong_plugin_pgwshard.grouping import parse_push_path
+    from kong_plugin_pgwshard.ring import Member, Ring
+
+    text = " ".join((DOCKER / "README.md").read_text().split())
+    claims = re.findall(r"((?:[a-h], )*[a-h](?: and [a-h])?) go to (pushgateway-\d)", text)
+    ring = Ring(Member.parse(f"{name}:9091") for name in PUSHGATEWAYS)
+    said = {instance: owner for instances, owner in claims
+            for instance in re.split(r", | and ", instances)}
+    assert sorted(said) == list("abcdefgh"), "README's example lists other groups than it pushes"
+    for instance, owner in said.items():
+        key = parse_push_path(f"/metrics/job/batch/instance/{instance}")
+        assert ring.owner(key).name == f"{owner}:9091", f"README: {instance} goes to {owner}"
+
+
 def test_declarative_file_passes_deck_validate():
     if shutil.which("deck") is None:
         pytest.skip("deck is not installed")
