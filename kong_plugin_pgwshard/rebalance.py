@@ -179,7 +179,7 @@ class Rebalancer:
                 continue
             owner_now[move.key] = group
             report.window_seconds = max(report.window_seconds, self._clock() - listed_at)
-            self._remember(move.key, move.pushed_at, move.target)
+            self._remember(move.key, move.pushed_at, move.target, moved=True)
             report.moved += 1
             self._delete(move, report, count=False)
         report.seconds = self._clock() - started
@@ -215,9 +215,10 @@ class Rebalancer:
             for key in [k for k in self._newest if k not in present]:
                 del self._newest[key]
 
-    def _remember(self, key: GroupingKey, pushed_at: float, instance: str) -> None:
+    def _remember(self, key: GroupingKey, pushed_at: float, instance: str, moved: bool = False) -> None:
         seen = self._newest.get(key)
-        if seen is None or pushed_at > seen.pushed_at:
+        # A moved copy is as new as its source and now lives on the owner: point there.
+        if seen is None or pushed_at > seen.pushed_at or (moved and pushed_at == seen.pushed_at):
             self._newest[key] = _Seen(pushed_at, instance)
 
     def _plan(self, ring: Ring, holdings: Mapping[str, Mapping[GroupingKey, Group]]) -> list[Move]:
