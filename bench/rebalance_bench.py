@@ -11,6 +11,7 @@ with a few concurrent clients; it is timed and printed too.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
 import threading
 import time
@@ -31,24 +32,29 @@ def body(n: int) -> str:
             f"# TYPE batch_last_success_seconds gauge\nbatch_last_success_seconds {1.7e9 + n}\n")
 
 
-def live_pusher(ring_box: list[Ring], keys: list[GroupingKey], stop: threading.Event,
-                counts: list[int]) -> None:
-    """Push live groups in a loop, routed by the current ring, counting successes."""
+def live_pusher(addresses: list[str], stop, pushed, failed) -> None:
+    """Push live groups in a loop, routed by the new ring, counting successes.
+
+    Runs in its own process so the rebalancer's JSON parsing does not steal its GIL."""
+    ring = Ring(Member.parse(a) for a in addresses)
+    keys = [GroupingKey.from_labels({"job": "live", "instance": f"l{n}"}) for n in range(20)]
     n = 0
     while not stop.is_set():
         key = keys[n % len(keys)]
         try:
-            PushgatewayClient(ring_box[0].owner(key).name, timeout=10).put_group(key, body(n))
-            counts[0] += 1
+            PushgatewayClient(ring.owner(key).name, timeout=10).put_group(key, body(n))
+            with pushed.get_lock():
+                pushed.value += 1
         except Exception:  # noqa: BLE001 - a failed live push is counted, not fatal
-            counts[1] += 1
+            with failed.get_lock():
+                failed.value += 1
         n += 1
 
 
-def measure(window: float, counts: list[int]) -> float:
-    start, t0 = counts[0], time.monotonic()
+def measure(window: float, pushed) -> float:
+    start, t0 = pushed.value, time.monotonic()
     time.sleep(window)
-    return (counts[0] - start) / (time.monotonic() - t0)
+    return (pushed.value - start) / (time.monotonic() - t0)
 
 
 def main() -> None:
@@ -60,8 +66,8 @@ def main() -> None:
     args = parser.parse_args()
 
     pgws = [Pushgateway() for _ in range(5)]
-    stop = threading.Event()
-    threads: list[threading.Thread] = []
+    stop = multiprocessing.Event()
+    pushers: list[multiprocessing.Process] = []
     try:
         for pgw in pgws:
             pgw.start()
@@ -76,14 +82,14 @@ def main() -> None:
         print(f"preload: {args.groups} groups over 4 instances by PUT, {args.concurrency} clients: "
               f"{preload:.1f} s ({args.groups / preload:.0f} groups/s)")
 
-        live_keys = [GroupingKey.from_labels({"job": "live", "instance": f"l{n}"}) for n in range(20)]
-        ring_box, counts = [ring5], [0, 0]
         # The 5th instance joins: from now on live pushes follow the new ring, as the plugin would.
+        pushed, failed = multiprocessing.Value("l", 0), multiprocessing.Value("l", 0)
         for _ in range(args.live_clients):
-            thread = threading.Thread(target=live_pusher, args=(ring_box, live_keys, stop, counts), daemon=True)
-            thread.start()
-            threads.append(thread)
-        before = measure(5.0, counts)
+            proc = multiprocessing.Process(target=live_pusher, daemon=True,
+                                           args=([m.name for m in members], stop, pushed, failed))
+            proc.start()
+            pushers.append(proc)
+        before = measure(5.0, pushed)
 
         expected = sum(1 for k in keys if ring4.owner(k) != ring5.owner(k))
         rebalancer = Rebalancer(max_ops_per_second=args.max_ops, timeout=30)
@@ -92,7 +98,7 @@ def main() -> None:
 
         def sample() -> None:
             while not sampler_stop.is_set():
-                during_counts.append(measure(2.0, counts))
+                during_counts.append(measure(2.0, pushed))
 
         sampler = threading.Thread(target=sample, daemon=True)
         t0 = time.monotonic()
@@ -122,11 +128,13 @@ def main() -> None:
               f"longest owner re-check to PUT end: {report.window_seconds * 1000:.0f} ms")
         print(f"duplicates left: {duplicates}; not on owner: {misplaced}; missing: {missing}")
         print(f"live pushes/s: before {before:.0f}, during rebalance {during:.0f} "
-              f"({during / before:.0%} of before); live push errors: {counts[1]}")
+              f"({during / before:.0%} of before); live push errors: {failed.value}")
     finally:
         stop.set()
-        for thread in threads:
-            thread.join(15)
+        for proc in pushers:
+            proc.join(15)
+            if proc.is_alive():
+                proc.kill()
         for pgw in pgws:
             pgw.stop()
 
