@@ -1,0 +1,259 @@
+"""`pgwshard-sync --config pgwshard.yml`: keep Kong's upstream targets equal to the healthy
+pushgateways, and groups on their owners.
+
+    health source --snapshots--> Damper --applied set--> sinks (Kong, file_sd)
+                                                     \--> Rebalancer (after each change, and
+                                                          every rebalance.interval)
+
+Safety rules: a source error keeps the last known good set (Consul down is not "nobody is
+healthy"); nothing is written before the first good snapshot; a sink that fails is retried with
+the newest set; a member that fails leaves at once, and one that returns rejoins only after
+staying healthy for `membership.hold_down` (damping flaps).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import queue
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from .config import Settings, load_settings
+from .errors import ConfigError, UpstreamError
+from .health import ConsulHealth, HealthSnapshot, ProbeHealth, consul_client
+from .ring import Member, Ring
+from .sinks import Sink, sinks_from_settings
+
+log = logging.getLogger("pgwshard.sync")
+SINK_RETRY_SECONDS = 2.0
+
+
+class Damper:
+    """Removals apply at once; a returning member must stay healthy `hold_down` seconds."""
+
+    def __init__(self, hold_down: float, clock: Callable[[], float] = time.monotonic):
+        self.hold_down = hold_down
+        self.clock = clock
+        self.applied: frozenset[Member] | None = None  # None until the first good snapshot
+        self._healthy: frozenset[Member] = frozenset()
+        self._healthy_since: dict[Member, float] = {}
+
+    def observe(self, healthy: frozenset[Member]) -> None:
+        now = self.clock()
+        self._healthy_since = {m: self._healthy_since.get(m, now) for m in healthy}
+        self._healthy = healthy
+
+    def decide(self) -> frozenset[Member]:
+        """The set to apply now."""
+        if self.applied is None:  # first snapshot: nothing to damp against
+            return self._healthy
+        now = self.clock()
+        joining = {m for m in self._healthy - self.applied if now - self._healthy_since[m] >= self.hold_down}
+        return frozenset((self.applied & self._healthy) | joining)
+
+    def next_deadline(self) -> float | None:
+        """When a pending member may join, if any is pending."""
+        if self.applied is None:
+            return None
+        pending = [self._healthy_since[m] + self.hold_down for m in self._healthy - self.applied]
+        return min(pending) if pending else None
+
+
+class DaemonMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.members = Gauge("pgwshard_members", "Pushgateways in the applied membership.", registry=registry)
+        self.changes = Counter("pgwshard_membership_changes", "Applied membership changes.", registry=registry)
+        self.sync_errors = Counter("pgwshard_sync_errors", "Failed sink writes.", ["sink"], registry=registry)
+        self.source_errors = Counter("pgwshard_health_source_errors", "Health source failures.", registry=registry)
+        self.source_up = Gauge("pgwshard_health_source_up", "1 when the last health query succeeded.",
+                               registry=registry)
+        self.last_good_sync = 0.0
+        since = Gauge("pgwshard_seconds_since_last_good_sync",
+                      "Seconds since all sinks last held the applied set (-1: never).", registry=registry)
+        since.set_function(lambda: time.time() - self.last_good_sync if self.last_good_sync else -1)
+        self.watch_latency = Histogram("pgwshard_health_query_seconds", "Duration of each health query "
+                                       "(a Consul blocking query returns on change or after its wait).",
+                                       buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60), registry=registry)
+
+
+class Daemon:
+    def __init__(self, settings: Settings, source=None, sinks: Sequence[Sink] | None = None,
+                 registry: CollectorRegistry | None = None, rebalancer=None):
+        self.settings = settings
+        self.registry = registry or CollectorRegistry()
+        self.metrics = DaemonMetrics(self.registry)
+        self.source = source or self._source()
+        self.sinks = list(sinks if sinks is not None else sinks_from_settings(settings))
+        self.damper = Damper(settings.hold_down)
+        self.rebalancer = rebalancer if rebalancer is not None else self._rebalancer()
+        self.known: set[Member] = set(settings.pushgateways)
+        self.stop = threading.Event()
+        self._snapshots: queue.Queue[HealthSnapshot] = queue.Queue()
+        self._dirty: dict[str, frozenset[Member]] = {}  # sink name -> set it still has to take
+        self._rebalance_wanted = threading.Event()
+        self._ring = Ring()
+        self._had_good = False  # no write happens before the first good snapshot
+
+    def _source(self):
+        if self.settings.source == "consul":
+            return ConsulHealth(self.settings.consul)
+        return ProbeHealth(self.settings.pushgateways, self.settings.probes)
+
+    def _rebalancer(self):
+        if not self.settings.rebalance.enabled:
+            return None
+        from .rebalance import Rebalancer
+        return Rebalancer(self.settings.rebalance, registry=self.registry)
+
+    # --- threads -------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Run until stop is set (signals set it)."""
+        consul = self.settings.consul
+        if consul and consul.register.enabled:
+            from .consul_registration import sync_registrations
+            try:
+                sync_registrations(consul_client(consul), consul, self.settings.pushgateways)
+            except UpstreamError as err:
+                log.error("%s", err)  # health still flows from what is registered already
+        threads = [threading.Thread(target=self._watch, name="pgwshard-watch", daemon=True)]
+        if self.rebalancer is not None:
+            threads.append(threading.Thread(target=self._rebalance_loop, name="pgwshard-rebalance", daemon=True))
+        for t in threads:
+            t.start()
+        while not self.stop.is_set():
+            self.step(timeout=self._wait_time())
+        for t in threads:
+            t.join(timeout=5)
+
+    def _watch(self) -> None:
+        while not self.stop.is_set():
+            try:
+                for snapshot in self.source.watch(self.stop):
+                    self._snapshots.put(snapshot)
+            except Exception as err:  # noqa: BLE001 - a broken source must not end the daemon
+                log.error("health source failed: %r; restarting it", err)
+                self._snapshots.put(HealthSnapshot(None, error=repr(err)))
+                self.stop.wait(1.0)
+
+    def _wait_time(self) -> float:
+        deadline = self.damper.next_deadline()
+        wait = 1.0 if not self._dirty else SINK_RETRY_SECONDS
+        if deadline is not None:
+            wait = min(wait, max(0.01, deadline - time.monotonic()))
+        return wait
+
+    def step(self, timeout: float = 0.0) -> None:
+        """Take the snapshots that arrived (waiting up to `timeout` for one), apply the result."""
+        try:
+            self._take(self._snapshots.get(timeout=timeout) if timeout > 0 else self._snapshots.get_nowait())
+            while True:
+                self._take(self._snapshots.get_nowait())
+        except queue.Empty:
+            pass
+        self._apply(self.damper.decide() if self._had_good else None)
+
+    def _take(self, snapshot: HealthSnapshot) -> None:
+        self.metrics.watch_latency.observe(snapshot.query_seconds)
+        if snapshot.members is None:
+            self.metrics.source_up.set(0)
+            self.metrics.source_errors.inc()
+            log.warning("health source error, keeping %d members: %s",
+                        len(self.damper.applied or ()), snapshot.error)
+            return
+        self.metrics.source_up.set(1)
+        self._had_good = True
+        self.known |= snapshot.members
+        self.damper.observe(snapshot.members)
+
+    def _apply(self, wanted: frozenset[Member] | None) -> None:
+        if wanted is None:
+            return  # no good snapshot yet: write nothing
+        if wanted != self.damper.applied:
+            old = self.damper.applied or frozenset()
+            log.info("membership change: %s", json.dumps({
+                "members": sorted(m.name for m in wanted), "added": sorted(m.name for m in wanted - old),
+                "removed": sorted(m.name for m in old - wanted)}))
+            self.damper.applied = wanted
+            self.metrics.members.set(len(wanted))
+            self.metrics.changes.inc()
+            self._ring = Ring(wanted)
+            self._dirty = {s.name: wanted for s in self.sinks}
+            self._rebalance_wanted.set()
+        for sink in self.sinks:
+            if sink.name not in self._dirty:
+                continue
+            try:
+                sink.apply(sorted(self._dirty[sink.name]))
+                del self._dirty[sink.name]
+            except UpstreamError as err:
+                self.metrics.sync_errors.labels(sink.name).inc()
+                log.error("sink %s failed, will retry: %s", sink.name, err)
+        if not self._dirty and self.sinks:
+            self.metrics.last_good_sync = time.time()
+
+    def _rebalance_loop(self) -> None:
+        interval = self.settings.rebalance.interval
+        while not self.stop.is_set():
+            self._rebalance_wanted.wait(interval)
+            if self.stop.is_set():
+                return
+            self._rebalance_wanted.clear()
+            if self.damper.applied is None or not self._ring.members:
+                continue
+            try:
+                report = self.rebalancer.reconcile(self._ring, sorted(self.known))
+                log.info("reconciliation: %s", report)
+            except Exception as err:  # noqa: BLE001 - a failed pass is retried at the next one
+                log.error("reconciliation failed: %r", err)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
+                 "msg": record.getMessage()}
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def main(argv: Iterable[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="pgwshard-sync", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="the YAML config file (see kong/pgwshard.yml)")
+    parser.add_argument("--check", action="store_true", help="validate the config and exit")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as err:
+        sys.exit(f"pgwshard-sync: {err}")
+    if args.check:
+        print(f"{args.config}: ok")
+        return
+    configure_logging(settings.log_level)
+    daemon = Daemon(settings)
+    host, _, port = settings.metrics_listen.rpartition(":")
+    start_http_server(int(port), addr=host or "0.0.0.0", registry=daemon.registry)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: daemon.stop.set())
+    log.info("started: health from %s, sinks %s, metrics on %s", settings.source,
+             [s.name for s in daemon.sinks], settings.metrics_listen)
+    daemon.run()
+    log.info("stopped")
+
+
+if __name__ == "__main__":
+    main()
