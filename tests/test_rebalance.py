@@ -332,3 +332,12 @@ def test_alerts_on_push_time_stay_honest_after_a_move(pushgateways, prometheus):
     [posted] = PushgatewayClient(pgws[1].address).groups()
     assert MARKER_FAMILY in posted.families
     wait_until(lambda: last_push() == [(pgws[1].address, posted.push_time)], 20, what="POST seen")
+
+
+def test_pace_comes_from_the_rebalance_settings_and_must_be_positive():
+    from types import SimpleNamespace
+
+    assert Rebalancer(SimpleNamespace(enabled=True, interval=60, max_ops_per_second=7)).max_ops_per_second == 7
+    assert Rebalancer({"max_ops_per_second": 7}, max_ops_per_second=9).max_ops_per_second == 9
+    with pytest.raises(ValueError, match="max_ops_per_second"):
+        Rebalancer({"max_ops_per_second": 0})
