@@ -322,6 +322,19 @@ def test_daemon_reaches_consul_kong_and_is_scraped():
     assert compose["services"]["prometheus"]["command"][0] == "--config.file=/etc/prometheus/prometheus.yml"
 
 
+def test_daemon_config_loads_with_the_daemons_own_validation():
+    from kong_plugin_pgwshard.config import load_settings
+    from kong_plugin_pgwshard.sinks import DeclarativeSink, sinks_from_settings
+
+    path = _bind_mounts("pgwshard-sync")[_daemon_command_config()]
+    settings = load_settings(str(path), environ={})  # unknown or misspelt keys raise ConfigError
+    assert [m.name for m in settings.pushgateways] == [f"{name}:9091" for name in PUSHGATEWAYS]
+    assert settings.source == "consul" and settings.consul.register.enabled
+    [sink] = sinks_from_settings(settings)
+    assert isinstance(sink, DeclarativeSink)
+    assert sink.declarative_file == settings.kong.declarative_file
+
+
 def test_prometheus_scrapes_passing_pushgateways_from_consul():
     prometheus = yaml.safe_load(_bind_mounts("prometheus")["/etc/prometheus/prometheus.yml"].read_text())
     daemon = _daemon_config()
