@@ -51,3 +51,20 @@ def plugin_server_factory():
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def kong_admin():
+    """Factory: kong_admin(db_less=False, token=None) starts a Kong Admin API double."""
+    from tests.support.kong_admin_double import KongAdminDouble
+
+    started = []
+
+    def start(**kwargs) -> KongAdminDouble:
+        double = KongAdminDouble(**kwargs).start()
+        started.append(double)
+        return double
+
+    yield start
+    for double in started:
+        double.stop()
