@@ -335,6 +335,78 @@ def test_daemon_config_loads_with_the_daemons_own_validation():
     assert sink.declarative_file == settings.kong.declarative_file
 
 
+@pytest.fixture
+def stack_plugin_server(tmp_path):
+    """The image's plugin-server command (Kong's start_cmd), run from this checkout with its
+    prefix moved to a temp dir; yields the socket path Kong's settings name, moved alike."""
+    from tests.support.processes import ManagedProcess, wait_until
+
+    settings = _kong_settings_in_image()
+    argv = shlex.split(settings["pluginserver_pgwshard_start_cmd"])
+    prefix = argv[argv.index("-p") + 1]
+    argv[0] = str(Path(sys.executable).parent / Path(argv[0]).name)
+    argv[argv.index("-p") + 1] = str(tmp_path)
+    socket_path = settings["pluginserver_pgwshard_socket"].replace(prefix, str(tmp_path), 1)
+    server = ManagedProcess("stack-plugin-server", argv, cwd=str(REPO)).start()
+    try:
+        def listening() -> bool:
+            if not server.running:
+                raise RuntimeError(f"plugin server exited: {server.log()[-2000:]}")
+            return Path(socket_path).is_socket()
+
+        wait_until(listening, 20, what=f"plugin server socket {socket_path}")
+        yield socket_path
+    finally:
+        server.stop()
+
+
+def test_stack_routes_pushes_to_the_healthy_compose_pushgateways(stack_plugin_server):
+    """The stack's own files end to end, Kong replaced by its Admin API double and this test:
+    pgwshard-sync's sink (docker/pgwshard.yml) loads docker/kong.yml with the healthy set into
+    Kong's /config; the plugin (configured by docker/kong.yml, started by the image's command)
+    follows the upstream and routes each push to its owner among the compose hostnames."""
+    from dataclasses import replace
+
+    from kong_plugin_pgwshard.config import load_settings
+    from kong_plugin_pgwshard.grouping import parse_push_path
+    from kong_plugin_pgwshard.ring import Member, Ring
+    from kong_plugin_pgwshard.sinks import sinks_from_settings
+    from tests.support.kong_admin_double import KongAdminDouble
+    from tests.support.kong_rpc import KongRPC, Request, run_access
+    from tests.support.processes import wait_until
+
+    admin = KongAdminDouble(db_less=True).start()
+    rpc = KongRPC(stack_plugin_server)
+    try:
+        settings = load_settings(str(_bind_mounts("pgwshard-sync")[_daemon_command_config()]), environ={})
+        on_host = str(_bind_mounts("pgwshard-sync")[settings.kong.declarative_file])
+        settings = replace(settings, kong=replace(settings.kong, nodes=(admin.url,), declarative_file=on_host))
+        [sink] = sinks_from_settings(settings)
+        healthy = [m for m in settings.pushgateways if m.host != "pushgateway-2"]  # -2 is down
+        sink.apply(healthy)
+        assert admin.target_names("pushgateways") == ["pushgateway-1:9091", "pushgateway-3:9091"]
+
+        declarative = yaml.safe_load(_kong_declarative_file().read_text())
+        [plugin] = [p for s in declarative["services"] for p in s.get("plugins", []) if p["name"] == "pgwshard"]
+        config = {**plugin["config"], "admin_url": admin.url, "refresh_interval": 0.2,
+                  "route_id": "r1", "service_id": "s1", "__seq__": 1}  # keys Kong adds
+        instance = rpc.start_instance("pgwshard", config)
+        ring = Ring(healthy)
+        paths = [f"/metrics/job/batch/instance/{i}" for i in "abcdefgh"]
+
+        def routed() -> dict[str, tuple[str, int] | None]:
+            return {path: run_access(rpc, instance, Request(path)).target for path in paths}
+
+        expected = {path: (ring.owner(parse_push_path(path)).host, 9091) for path in paths}
+        assert wait_until(lambda: routed() == expected, 10, what="pushes routed to their owners")
+        assert {host for host, _ in expected.values()} == {"pushgateway-1", "pushgateway-3"}
+        # A read is left to the route's upstream.
+        assert run_access(rpc, instance, Request("/api/v1/metrics", method="GET")).target is None
+    finally:
+        rpc.close()
+        admin.stop()
+
+
 def test_prometheus_scrapes_passing_pushgateways_from_consul():
     prometheus = yaml.safe_load(_bind_mounts("prometheus")["/etc/prometheus/prometheus.yml"].read_text())
     daemon = _daemon_config()
