@@ -333,6 +333,11 @@ def test_daemon_config_loads_with_the_daemons_own_validation():
     [sink] = sinks_from_settings(settings)
     assert isinstance(sink, DeclarativeSink)
     assert sink.declarative_file == settings.kong.declarative_file
+    # The container's command, with --check: validates the config and exits.
+    entrypoint = _compose()["services"]["pgwshard-sync"]["entrypoint"]
+    command = [str(Path(sys.executable).parent / Path(entrypoint[0]).name), "--config", str(path), "--check"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.fixture
