@@ -1,4 +1,4 @@
-"""`pgwshard-sync --config pgwshard.yml`: keep Kong's upstream targets equal to the healthy
+r"""`pgwshard-sync --config pgwshard.yml`: keep Kong's upstream targets equal to the healthy
 pushgateways, and groups on their owners.
 
     health source --snapshots--> Damper --applied set--> sinks (Kong, file_sd)
@@ -35,7 +35,13 @@ SINK_RETRY_SECONDS = 2.0
 
 
 class Damper:
-    """Removals apply at once; a returning member must stay healthy `hold_down` seconds."""
+    """Removals apply at once; a returning member must stay healthy `hold_down` seconds.
+
+    One removal waits too: the one that would empty the ring. Losing every member at once is
+    more often the view than the fleet (services just registered are critical until their first
+    check passes), so an empty set applies only after it has been observed for `hold_down`
+    seconds, at start-up too.
+    """
 
     def __init__(self, hold_down: float, clock: Callable[[], float] = time.monotonic):
         self.hold_down = hold_down
@@ -43,25 +49,29 @@ class Damper:
         self.applied: frozenset[Member] | None = None  # None until the first good snapshot
         self._healthy: frozenset[Member] = frozenset()
         self._healthy_since: dict[Member, float] = {}
+        self._empty_since: float | None = None
 
     def observe(self, healthy: frozenset[Member]) -> None:
         now = self.clock()
         self._healthy_since = {m: self._healthy_since.get(m, now) for m in healthy}
         self._healthy = healthy
+        self._empty_since = (self._empty_since or now) if not healthy else None
 
-    def decide(self) -> frozenset[Member]:
-        """The set to apply now."""
-        if self.applied is None:  # first snapshot: nothing to damp against
-            return self._healthy
+    def decide(self) -> frozenset[Member] | None:
+        """The set to apply now; None while there is nothing to apply yet."""
         now = self.clock()
+        emptying = not self._healthy and self._empty_since is not None and now - self._empty_since < self.hold_down
+        if self.applied is None:  # the first set: nothing to damp against, unless it is empty
+            return None if emptying else self._healthy
         joining = {m for m in self._healthy - self.applied if now - self._healthy_since[m] >= self.hold_down}
-        return frozenset((self.applied & self._healthy) | joining)
+        wanted = frozenset((self.applied & self._healthy) | joining)
+        return self.applied if emptying and self.applied else wanted
 
     def next_deadline(self) -> float | None:
         """When a pending member may join, if any is pending."""
-        if self.applied is None:
-            return None
-        pending = [self._healthy_since[m] + self.hold_down for m in self._healthy - self.applied]
+        pending = [self._healthy_since[m] + self.hold_down for m in self._healthy - (self.applied or set())]
+        if self._empty_since is not None:
+            pending.append(self._empty_since + self.hold_down)
         return min(pending) if pending else None
 
 
@@ -99,6 +109,7 @@ class Daemon:
         self._rebalance_wanted = threading.Event()
         self._ring = Ring()
         self._had_good = False  # no write happens before the first good snapshot
+        self._source_failing = False
 
     def _source(self):
         if self.settings.source == "consul":
@@ -115,13 +126,7 @@ class Daemon:
 
     def run(self) -> None:
         """Run until stop is set (signals set it)."""
-        consul = self.settings.consul
-        if consul and consul.register.enabled:
-            from .consul_registration import sync_registrations
-            try:
-                sync_registrations(consul_client(consul), consul, self.settings.pushgateways)
-            except UpstreamError as err:
-                log.error("%s", err)  # health still flows from what is registered already
+        self._register()
         threads = [threading.Thread(target=self._watch, name="pgwshard-watch", daemon=True)]
         if self.rebalancer is not None:
             threads.append(threading.Thread(target=self._rebalance_loop, name="pgwshard-rebalance", daemon=True))
@@ -131,6 +136,18 @@ class Daemon:
             self.step(timeout=self._wait_time())
         for t in threads:
             t.join(timeout=5)
+
+    def _register(self) -> None:
+        """Register the configured pushgateways in Consul, if asked to. Idempotent, so it runs at
+        start and again whenever Consul comes back (an agent may return without them)."""
+        consul = self.settings.consul
+        if not (consul and consul.register.enabled):
+            return
+        from .consul_registration import sync_registrations
+        try:
+            sync_registrations(consul_client(consul), consul, self.settings.pushgateways)
+        except UpstreamError as err:
+            log.error("%s", err)  # health still flows from what is registered already
 
     def _watch(self) -> None:
         while not self.stop.is_set():
@@ -162,11 +179,16 @@ class Daemon:
     def _take(self, snapshot: HealthSnapshot) -> None:
         self.metrics.watch_latency.observe(snapshot.query_seconds)
         if snapshot.members is None:
+            self._source_failing = True
             self.metrics.source_up.set(0)
             self.metrics.source_errors.inc()
             log.warning("health source error, keeping %d members: %s",
                         len(self.damper.applied or ()), snapshot.error)
             return
+        if self._source_failing:
+            log.info("health source is back")
+            self._register()
+        self._source_failing = False
         self.metrics.source_up.set(1)
         self._had_good = True
         self.known |= snapshot.members

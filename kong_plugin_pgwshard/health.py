@@ -80,8 +80,12 @@ def consul_client(settings: ConsulSettings) -> consul.Consul:
     url = urlsplit(settings.address)
     verify: bool | str = settings.tls.ca_file or settings.tls.verify
     cert = (settings.tls.cert_file, settings.tls.key_file) if settings.tls.cert_file else None
-    return consul.Consul(host=url.hostname, port=url.port or (443 if url.scheme == "https" else 8500),
-                         scheme=url.scheme, token=settings.token, dc=settings.datacenter, verify=verify, cert=cert)
+    client = consul.Consul(host=url.hostname, port=url.port or (443 if url.scheme == "https" else 8500),
+                           scheme=url.scheme, token=settings.token, dc=settings.datacenter, verify=verify, cert=cert)
+    # py-consul waits 30 s beyond a blocking query's wait before it gives up on a hung agent;
+    # 5 s lets an outage be reported (and the last good set kept) sooner.
+    client.http.connections_timeout = 5.0
+    return client
 
 
 class ConsulHealth:

@@ -1,0 +1,159 @@
+"""pgwshard-sync against real pushgateways and a real Consul: membership follows health."""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+import urllib.request
+from contextlib import contextmanager
+
+import pytest
+
+from kong_plugin_pgwshard.config import parse_settings
+from kong_plugin_pgwshard.daemon import Daemon
+from kong_plugin_pgwshard.ring import Member
+from tests.support.processes import Pushgateway, wait_until
+
+CONSUL_TOKEN = "consul-token-never-logged"
+
+
+@contextmanager
+def running(daemon: Daemon):
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop.set()
+        thread.join(15)
+        assert not thread.is_alive()
+
+
+def file_members(path) -> set[str] | None:
+    try:
+        return set(json.loads(path.read_text())[0]["targets"])
+    except (OSError, ValueError):
+        return None
+
+
+def restart(pgw: Pushgateway) -> Pushgateway:
+    return Pushgateway(port=pgw.port, data_dir=pgw.data_dir).start()
+
+
+def probe_settings(pgws, sd_path, hold_down=1.5):
+    return parse_settings({
+        "pushgateways": [p.address for p in pgws],
+        "health": {"probes": {"interval": 0.2, "timeout": 0.5, "rise": 2, "fall": 1}},
+        "membership": {"hold_down": hold_down},
+        "file_sd": {"path": str(sd_path)},
+        "rebalance": {"enabled": False},
+    }, "test")
+
+
+def test_probes_kill_leaves_restart_rejoins_after_hold_down(pushgateways, tmp_path):
+    pgws = pushgateways(3)
+    sd = tmp_path / "sd.json"
+    everyone = {p.address for p in pgws}
+    with running(Daemon(probe_settings(pgws, sd))) as daemon:
+        wait_until(lambda: file_members(sd) == everyone, 10, what="all three members")
+        pgws[0].kill()
+        wait_until(lambda: file_members(sd) == everyone - {pgws[0].address}, 5, what="dead one leaves")
+        pgws[0] = restart(pgws[0])
+        back = time.monotonic()
+        wait_until(lambda: file_members(sd) == everyone, 10, what="it rejoins")
+        assert time.monotonic() - back >= 1.5 - 0.3  # held down, not re-added at its first success
+        assert daemon.registry.get_sample_value("pgwshard_membership_changes_total") == 3
+
+
+def test_flapping_member_stays_out_until_stable(pushgateways, tmp_path):
+    pgws = pushgateways(3)
+    sd = tmp_path / "sd.json"
+    with running(Daemon(probe_settings(pgws, sd, hold_down=2.0))) as daemon:
+        wait_until(lambda: len(file_members(sd) or ()) == 3, 10, what="three members")
+        flapper = pgws[2]
+        member = Member.parse(flapper.address)
+        for _ in range(3):  # down and up again faster than the hold-down
+            flapper.kill()
+            wait_until(lambda: daemon.source._healthy.get(member) is False, 5,
+                       what="the probes see it down")
+            assert flapper.address not in file_members(sd)
+            flapper = restart(flapper)
+            time.sleep(0.8)
+            assert flapper.address not in file_members(sd)
+            pgws[2] = flapper
+        wait_until(lambda: flapper.address in file_members(sd), 10, what="stable flapper rejoins")
+        # start, one leave, one rejoin: undamped, the three flaps would have made 1 + 3 + 3
+        assert daemon.registry.get_sample_value("pgwshard_membership_changes_total") == 3
+
+
+def test_a_truly_empty_set_is_written_after_the_hold_down(pushgateways, tmp_path):
+    pgws = pushgateways(2)
+    sd = tmp_path / "sd.json"
+    with running(Daemon(probe_settings(pgws, sd, hold_down=1.0))):
+        wait_until(lambda: len(file_members(sd) or ()) == 2, 10, what="two members")
+        for p in pgws:
+            p.kill()
+        wait_until(lambda: file_members(sd) == set(), 10, what="empty membership")
+
+
+@pytest.fixture
+def consul_stack(consul, pushgateways, kong_admin, tmp_path):
+    pgws = pushgateways(3)
+    kong = kong_admin()
+    settings = parse_settings({
+        "pushgateways": [p.address for p in pgws],
+        "consul": {"address": consul.url, "token": CONSUL_TOKEN, "wait": "2s", "backoff": [0.2, 0.5],
+                   "register": {"enabled": True, "check_interval": "1s", "check_timeout": "1s"}},
+        "membership": {"hold_down": "1s"},
+        "kong": {"admin_url": kong.url, "upstream": "pushgateways"},
+        "file_sd": {"path": str(tmp_path / "sd.json")},
+        "rebalance": {"enabled": False},
+    }, "test")
+    return consul, pgws, kong, settings
+
+
+def test_consul_membership_follows_health_and_survives_an_outage(consul_stack, caplog):
+    consul, pgws, kong, settings = consul_stack
+    everyone = sorted(p.address for p in pgws)
+    caplog.set_level(logging.INFO)
+    daemon = Daemon(settings)
+    with running(daemon):
+        wait_until(lambda: kong.target_names("pushgateways") == everyone, 20, what="registered and healthy")
+        services = json.loads(urllib.request.urlopen(consul.url + "/v1/agent/services", timeout=5).read())
+        assert {s["Meta"]["managed-by"] for s in services.values()} == {"pgwshard"}
+
+        pgws[1].kill()
+        wait_until(lambda: kong.target_names("pushgateways") == sorted(set(everyone) - {pgws[1].address}), 15,
+                   what="killed instance leaves")
+        pgws[1] = restart(pgws[1])
+        wait_until(lambda: kong.target_names("pushgateways") == everyone, 15, what="restarted instance returns")
+
+        consul.proc.send_signal(signal.SIGSTOP)  # Consul hangs: unreachable is not "nobody is healthy"
+        try:
+            wait_until(lambda: daemon.registry.get_sample_value("pgwshard_health_source_up") == 0, 30,
+                       what="outage reported")
+            assert kong.target_names("pushgateways") == everyone
+            assert daemon.registry.get_sample_value("pgwshard_health_source_errors_total") >= 1
+            assert "keeping 3 members" in caplog.text
+        finally:
+            consul.proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: daemon.registry.get_sample_value("pgwshard_health_source_up") == 1, 30,
+                   what="sync resumes")
+        pgws[2].kill()  # and changes flow again
+        wait_until(lambda: kong.target_names("pushgateways") == sorted(set(everyone) - {pgws[2].address}), 15,
+                   what="sync resumed")
+    assert CONSUL_TOKEN not in caplog.text
+
+
+def test_consul_down_at_start_writes_nothing(consul_stack):
+    consul, pgws, kong, settings = consul_stack
+    consul.stop()
+    kong.add_upstream("pushgateways", ["10.9.9.9:9091"])  # what Kong had before the daemon started
+    daemon = Daemon(settings)
+    with running(daemon):
+        wait_until(lambda: (daemon.registry.get_sample_value("pgwshard_health_source_errors_total") or 0) >= 2, 15,
+                   what="errors counted")
+        assert kong.target_names("pushgateways") == ["10.9.9.9:9091"]
+        assert kong.writes == []
