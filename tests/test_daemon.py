@@ -38,8 +38,18 @@ def file_members(path) -> set[str] | None:
         return None
 
 
-def restart(pgw: Pushgateway) -> Pushgateway:
-    return Pushgateway(port=pgw.port, data_dir=pgw.data_dir).start()
+@pytest.fixture
+def restart():
+    """restart(pgw): the same instance (port, data) started again; stopped when the test ends."""
+    started: list[Pushgateway] = []
+
+    def start_again(pgw: Pushgateway) -> Pushgateway:
+        started.append(Pushgateway(port=pgw.port, data_dir=pgw.data_dir))
+        return started[-1].start()
+
+    yield start_again
+    for pgw in started:
+        pgw.stop()
 
 
 def probe_settings(pgws, sd_path, hold_down=1.5):
@@ -52,7 +62,7 @@ def probe_settings(pgws, sd_path, hold_down=1.5):
     }, "test")
 
 
-def test_probes_kill_leaves_restart_rejoins_after_hold_down(pushgateways, tmp_path):
+def test_probes_kill_leaves_restart_rejoins_after_hold_down(pushgateways, restart, tmp_path):
     pgws = pushgateways(3)
     sd = tmp_path / "sd.json"
     everyone = {p.address for p in pgws}
@@ -67,7 +77,7 @@ def test_probes_kill_leaves_restart_rejoins_after_hold_down(pushgateways, tmp_pa
         assert daemon.registry.get_sample_value("pgwshard_membership_changes_total") == 3
 
 
-def test_flapping_member_stays_out_until_stable(pushgateways, tmp_path):
+def test_flapping_member_stays_out_until_stable(pushgateways, restart, tmp_path):
     pgws = pushgateways(3)
     sd = tmp_path / "sd.json"
     with running(Daemon(probe_settings(pgws, sd, hold_down=2.0))) as daemon:
@@ -78,10 +88,10 @@ def test_flapping_member_stays_out_until_stable(pushgateways, tmp_path):
             flapper.kill()
             wait_until(lambda: daemon.source._healthy.get(member) is False, 5,
                        what="the probes see it down")
-            assert flapper.address not in file_members(sd)
+            wait_until(lambda: flapper.address not in file_members(sd), 5, what="it leaves at once")
             flapper = restart(flapper)
-            time.sleep(0.8)
-            assert flapper.address not in file_members(sd)
+            wait_until(lambda: daemon.source._healthy.get(member) is True, 5, what="the probes see it up")
+            assert flapper.address not in file_members(sd)  # healthy again, but held down
             pgws[2] = flapper
         wait_until(lambda: flapper.address in file_members(sd), 10, what="stable flapper rejoins")
         # start, one leave, one rejoin: undamped, the three flaps would have made 1 + 3 + 3
@@ -114,7 +124,7 @@ def consul_stack(consul, pushgateways, kong_admin, tmp_path):
     return consul, pgws, kong, settings
 
 
-def test_consul_membership_follows_health_and_survives_an_outage(consul_stack, caplog):
+def test_consul_membership_follows_health_and_survives_an_outage(consul_stack, restart, caplog):
     consul, pgws, kong, settings = consul_stack
     everyone = sorted(p.address for p in pgws)
     caplog.set_level(logging.INFO)
