@@ -341,3 +341,25 @@ def test_pace_comes_from_the_rebalance_settings_and_must_be_positive():
     assert Rebalancer({"max_ops_per_second": 7}, max_ops_per_second=9).max_ops_per_second == 9
     with pytest.raises(ValueError, match="max_ops_per_second"):
         Rebalancer({"max_ops_per_second": 0})
+
+
+def test_owner_is_rechecked_right_before_the_copy(pushgateways, monkeypatch):
+    pgws = pushgateways(2)
+    ring = ring_of(pgws)
+    key = KEYS[0]
+    owner = next(p for p in pgws if p.address == ring.owner(key).name)
+    other = next(p for p in pgws if p is not owner)
+    push(other, key, 1)
+    plan = Rebalancer._plan
+
+    def plan_then_client_pushes(self, *args):
+        moves = plan(self, *args)
+        assert [m.action for m in moves] == [COPY]
+        push(owner, key, 2)  # a client pushes to the owner after the survey, before the copy
+        return moves
+
+    monkeypatch.setattr(Rebalancer, "_plan", plan_then_client_pushes)
+    report = Rebalancer(max_ops_per_second=500).reconcile(ring, pgws_addresses(pgws))
+
+    assert (report.moved, report.deleted) == (0, 1)
+    assert placement(pgws) == {key: [(owner.address, 2)]}  # the newer push was not overwritten
