@@ -17,6 +17,8 @@ _PAGE_LIMIT = 10_000  # bounded pagination: 10,000 pages of `size` entities
 
 
 class KongAdmin:
+    """One Kong node's Admin API. `token` is sent as `Kong-Admin-Token` and kept out of errors."""
+
     def __init__(self, url: str, token: str | None = None, timeout: float = 5.0):
         self.url = url.rstrip("/")
         self._token = token
@@ -41,7 +43,10 @@ class KongAdmin:
             raise UpstreamError(f"Kong Admin API {self.url}: {method} {path}: {err}") from None
         if status not in ok:
             raise UpstreamError(f"Kong Admin API {self.url}: {method} {path}: {status} {raw[:300]!r}")
-        return status, (json.loads(raw) if raw.strip() else None)
+        try:
+            return status, (json.loads(raw) if raw.strip() else None)
+        except ValueError:  # e.g. a proxy's HTML error page in front of the Admin API
+            raise UpstreamError(f"Kong Admin API {self.url}: {method} {path}: not JSON: {raw[:100]!r}") from None
 
     def list(self, path: str, size: int = 1000) -> list[dict]:
         """Every entity of a paginated collection, following `next`."""
@@ -49,7 +54,9 @@ class KongAdmin:
         url = f"{path}{'&' if '?' in path else '?'}size={size}"
         for _ in range(_PAGE_LIMIT):
             _, page = self.request("GET", url)
-            entities += page.get("data", [])
+            if not isinstance(page, dict) or not isinstance(page.get("data"), list):
+                raise UpstreamError(f"Kong Admin API {self.url}: GET {path}: expected {{data, next}}, got {page!r:.100}")
+            entities += page["data"]
             if not page.get("next"):
                 return entities
             nxt = urllib.parse.urlsplit(page["next"])
@@ -57,20 +64,25 @@ class KongAdmin:
         raise UpstreamError(f"Kong Admin API: more than {_PAGE_LIMIT} pages at {path}")
 
     def ensure_upstream(self, name: str) -> None:
+        """Create the upstream unless it exists (GET answers 404 for a missing one)."""
         status, _ = self.request("GET", f"/upstreams/{_q(name)}", ok=(200, 404))
         if status == 404:
             self.request("POST", "/upstreams", {"name": name}, ok=(201, 409))  # 409: created meanwhile
 
     def targets(self, upstream: str) -> list[dict]:
+        """Every target entity of the upstream (`target` is "host:port", `weight` 0..65535)."""
         return self.list(f"/upstreams/{_q(upstream)}/targets")
 
     def add_target(self, upstream: str, target: str, weight: int) -> None:
+        """Add one "host:port" target with its weight."""
         self.request("POST", f"/upstreams/{_q(upstream)}/targets", {"target": target, "weight": weight})
 
     def set_weight(self, upstream: str, target_id: str, weight: int) -> None:
+        """Change an existing target's weight in place (Kong 3.x targets can be PATCHed)."""
         self.request("PATCH", f"/upstreams/{_q(upstream)}/targets/{_q(target_id)}", {"weight": weight})
 
     def delete_target(self, upstream: str, target: str) -> None:
+        """Remove a target by "host:port" or id; already gone (404) counts as done."""
         self.request("DELETE", f"/upstreams/{_q(upstream)}/targets/{_q(target)}", ok=(204, 404))
 
     def post_config(self, declarative: dict) -> bool:

@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from typing import Protocol
 
 from .errors import UpstreamError
+from .kong_admin import KongAdmin
 from .plugin_config import PluginConfig
 from .ring import Member, Ring
 
@@ -88,21 +87,26 @@ def read_file_sd(path: str) -> list[Member]:
 
 def read_upstream_targets(admin_url: str, upstream: str, token: str | None, timeout: float = 2.0) -> list[Member]:
     """The targets of a Kong upstream, following the Admin API's pagination."""
-    headers = {"Kong-Admin-Token": token} if token else {}
-    url: str | None = f"{admin_url}/upstreams/{urllib.parse.quote(upstream, safe='')}/targets?size=1000"
-    members: list[Member] = []
-    for _ in range(1000):  # bounded: 1000 pages of 1000 targets
-        if url is None:
-            return members
-        request = urllib.request.Request(url, headers=headers)
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as resp:
-                page = json.load(resp)
-        except OSError as err:  # URLError and HTTPError are OSErrors
-            raise UpstreamError(f"GET {url.split('?')[0]}: {err}") from None
-        members += [Member.parse(t["target"], int(t.get("weight", 100))) for t in page.get("data", [])]
-        url = urllib.parse.urljoin(admin_url + "/", page["next"]) if page.get("next") else None
-    raise UpstreamError(f"too many pages of targets for upstream {upstream}")
+    admin = KongAdmin(admin_url, token, timeout)  # the one Admin API client (no logging, no token in errors)
+    try:
+        return [Member.parse(t["target"], int(t.get("weight", 100))) for t in admin.targets(upstream)]
+    except (KeyError, TypeError) as err:
+        raise UpstreamError(f"upstream {upstream} at {admin_url}: malformed target entity: {err}") from None
+
+
+class UpstreamMembership(PolledMembership):
+    """Follows a Kong upstream's targets through the (local) Admin API."""
+
+    def __init__(self, admin_url: str, upstream: str, token: str | None, interval: float, timeout: float = 2.0):
+        super().__init__(f"upstream {upstream} at {admin_url}",
+                         lambda: read_upstream_targets(admin_url, upstream, token, timeout), interval)
+
+
+class FileMembership(PolledMembership):
+    """Follows the file_sd JSON file pgwshard-sync's FileSdSink writes."""
+
+    def __init__(self, path: str, interval: float):
+        super().__init__(f"file {path}", lambda: read_file_sd(path), interval)
 
 
 _shared: dict[tuple, PolledMembership] = {}
@@ -115,15 +119,13 @@ def membership_for(config: PluginConfig) -> Membership:
         return StaticMembership(config.nodes)
     if config.membership == "file":
         key: tuple = ("file", config.membership_file, config.refresh_interval)
-        path = config.membership_file
-        fetch = lambda: read_file_sd(path)  # noqa: E731
-        name = f"file {path}"
+        start: Callable[[], PolledMembership] = lambda: FileMembership(  # noqa: E731
+            config.membership_file, config.refresh_interval)
     else:
-        key = ("upstream", config.admin_url, config.upstream, config.refresh_interval)
-        admin_url, upstream, token = config.admin_url, config.upstream, config.admin_token
-        fetch = lambda: read_upstream_targets(admin_url, upstream, token)  # noqa: E731
-        name = f"upstream {upstream} at {admin_url}"
+        key = ("upstream", config.admin_url, config.upstream, config.admin_token, config.refresh_interval)
+        start = lambda: UpstreamMembership(  # noqa: E731
+            config.admin_url, config.upstream, config.admin_token, config.refresh_interval)
     with _shared_lock:
         if key not in _shared:
-            _shared[key] = PolledMembership(name, fetch, config.refresh_interval)
+            _shared[key] = start()
         return _shared[key]

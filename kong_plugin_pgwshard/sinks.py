@@ -5,6 +5,7 @@ retries a failed sink and never hands it an empty set because of an error elsewh
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,7 +27,9 @@ log = logging.getLogger("pgwshard.sinks")
 class Sink(Protocol):
     name: str
 
-    def apply(self, members: Sequence[Member]) -> None: ...
+    def apply(self, members: Sequence[Member]) -> None:
+        """Make the sink's target list equal `members`; raise UpstreamError when that failed."""
+        ...
 
 
 class AdminApiSink:
@@ -40,13 +43,17 @@ class AdminApiSink:
         self.admin.ensure_upstream(self.upstream)
         current = {t["target"]: t for t in self.admin.targets(self.upstream)}
         wanted = {m.name: m for m in members}
-        for name, member in wanted.items():
+        # adds before deletes: a swap never leaves Kong with fewer targets than either set
+        for name, member in sorted(wanted.items()):
             if name not in current:
                 self.admin.add_target(self.upstream, name, member.weight)
+                log.info("%s: added target %s (weight %d)", self.name, name, member.weight)
             elif int(current[name].get("weight", 100)) != member.weight:
                 self.admin.set_weight(self.upstream, current[name]["id"], member.weight)
-        for name in current.keys() - wanted.keys():
+                log.info("%s: target %s weight now %d", self.name, name, member.weight)
+        for name in sorted(current.keys() - wanted.keys()):
             self.admin.delete_target(self.upstream, name)
+            log.info("%s: removed target %s", self.name, name)
 
 
 class DeclarativeSink:
@@ -58,11 +65,14 @@ class DeclarativeSink:
         self.name = f"kong-declarative {declarative_file}"
 
     def render(self, members: Sequence[Member]) -> dict:
+        """The user's declarative config, re-read each time, with only this upstream's targets replaced."""
         try:
             doc = yaml.safe_load(Path(self.declarative_file).read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError) as err:
             raise UpstreamError(f"cannot read {self.declarative_file}: {err}") from None
-        upstreams = doc.setdefault("upstreams", [])
+        if not isinstance(doc, dict) or not isinstance(doc.setdefault("upstreams", []), list):
+            raise UpstreamError(f"{self.declarative_file}: expected a declarative config mapping with a list of upstreams")
+        upstreams = doc["upstreams"]
         upstream = next((u for u in upstreams if u.get("name") == self.upstream), None)
         if upstream is None:
             upstream = {"name": self.upstream}
@@ -94,8 +104,10 @@ class FileSdSink:
     def apply(self, members: Sequence[Member]) -> None:
         targets = [m.name for m in sorted(members) if m.weight > 0]
         content = json.dumps([{"targets": targets, "labels": self.labels}], indent=2) + "\n"
+        tmp = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # the temp file sits in the same directory so the rename is atomic (same filesystem)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(content)
@@ -103,11 +115,17 @@ class FileSdSink:
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o644)
             os.replace(tmp, self.path)
+            tmp = None
         except OSError as err:
             raise UpstreamError(f"cannot write {self.path}: {err}") from None
+        finally:
+            if tmp is not None:  # a failed write leaves no stray temp file behind
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
 
 
 def sinks_from_settings(settings: Settings) -> list[Sink]:
+    """The sinks the daemon's settings name: Kong (admin or declarative mode) and/or file_sd."""
     sinks: list[Sink] = []
     kong: KongSettings | None = settings.kong
     if kong and kong.mode == "admin":
