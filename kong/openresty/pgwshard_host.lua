@@ -35,19 +35,20 @@ local function read_file(path)
 end
 
 -- one RPC on one pooled connection
-local function rpc(method, arg)
+local function rpc_once(method, arg)
   local sock = ngx.socket.tcp()
   sock:settimeouts(settings.connect_timeout_ms, settings.send_timeout_ms, settings.read_timeout_ms)
   local ok, err = sock:connect("unix:" .. settings.socket)
   if not ok then
     return nil, "plugin server unreachable: " .. err, true
   end
+  local reused = sock:getreusedtimes() > 0
   msgid = msgid + 1
   local id = msgid
   ok, err = sock:send(mp.pack({ 0, id, method, { arg } }))
   if not ok then
     sock:close()
-    return nil, "plugin server write failed: " .. err, true
+    return nil, "plugin server write failed: " .. err, true, reused
   end
   local read_err
   local next_message = mp.unpacker(function()
@@ -58,7 +59,8 @@ local function rpc(method, arg)
   local got, _, message = pcall(next_message)
   if not got or type(message) ~= "table" then
     sock:close()
-    return nil, "plugin server read failed: " .. tostring(read_err or message), true
+    return nil, "plugin server read failed: " .. tostring(read_err or message), true,
+      reused and read_err == "closed"
   end
   sock:setkeepalive(settings.keepalive_ms, settings.keepalive_pool)
   if message[2] ~= id then
@@ -70,7 +72,21 @@ local function rpc(method, arg)
   return message[4]
 end
 
-local function start_instance()
+-- A pooled connection may have been closed by a plugin server that restarted since: such a
+-- connection fails at once, before the server saw the call, so one retry on a fresh one is safe.
+local function rpc(method, arg)
+  for _ = 1, settings.keepalive_pool + 1 do
+    local res, err, transport, stale = rpc_once(method, arg)
+    if not stale then
+      return res, err, transport
+    end
+  end
+  return nil, "plugin server connections keep failing", true
+end
+
+-- close_old: the config changed and the old instance is still there (after "no plugin
+-- instance" it is gone, and a restarted server may even reuse its id for the new one).
+local function start_instance(close_old)
   local text, err = read_file(settings.plugin_config_file)
   if not text then
     return nil, "cannot read the plugin config: " .. err
@@ -82,7 +98,7 @@ local function start_instance()
   local old = instance_id
   instance_id, config_text = res.Id, text
   ngx.log(ngx.NOTICE, "pgwshard host: started instance ", instance_id, " of ", settings.plugin)
-  if old then
+  if close_old and old and old ~= instance_id then
     rpc("plugin.CloseInstance", old)
   end
   return instance_id
@@ -203,7 +219,7 @@ local function watch_config(premature)
   if premature then return end
   local text = read_file(settings.plugin_config_file)
   if text and config_text and text ~= config_text then
-    local _, err = start_instance() -- a new instance, then CloseInstance of the old, as Kong does
+    local _, err = start_instance(true) -- a new instance, then CloseInstance of the old, as Kong does
     if err then ngx.log(ngx.ERR, "pgwshard host: restarting the instance failed: ", err) end
   end
 end
