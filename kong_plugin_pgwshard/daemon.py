@@ -8,7 +8,8 @@ pushgateways, and groups on their owners.
 Safety rules: a source error keeps the last known good set (Consul down is not "nobody is
 healthy"); nothing is written before the first good snapshot; a sink that fails is retried with
 the newest set; a member that fails leaves at once, and one that returns rejoins only after
-staying healthy for `membership.hold_down` (damping flaps).
+staying healthy for `membership.hold_down` (damping flaps); a truly empty set is written once it
+has lasted `hold_down` (the plugin then answers 503). `--once` syncs once and exits.
 """
 from __future__ import annotations
 
@@ -22,11 +23,14 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry
 
 from .config import Settings, load_settings
 from .errors import ConfigError, UpstreamError
-from .health import ConsulHealth, HealthSnapshot, ProbeHealth, consul_client
+from .health import HealthSnapshot, HealthSource
+from .health_consul import ConsulHealth, consul_client
+from .health_probes import ProbeHealth
+from .metrics import DaemonMetrics, serve
 from .ring import Member, Ring
 from .sinks import Sink, sinks_from_settings
 
@@ -75,25 +79,11 @@ class Damper:
         return min(pending) if pending else None
 
 
-class DaemonMetrics:
-    def __init__(self, registry: CollectorRegistry):
-        self.members = Gauge("pgwshard_members", "Pushgateways in the applied membership.", registry=registry)
-        self.changes = Counter("pgwshard_membership_changes", "Applied membership changes.", registry=registry)
-        self.sync_errors = Counter("pgwshard_sync_errors", "Failed sink writes.", ["sink"], registry=registry)
-        self.source_errors = Counter("pgwshard_health_source_errors", "Health source failures.", registry=registry)
-        self.source_up = Gauge("pgwshard_health_source_up", "1 when the last health query succeeded.",
-                               registry=registry)
-        self.last_good_sync = 0.0
-        since = Gauge("pgwshard_seconds_since_last_good_sync",
-                      "Seconds since all sinks last held the applied set (-1: never).", registry=registry)
-        since.set_function(lambda: time.time() - self.last_good_sync if self.last_good_sync else -1)
-        self.watch_latency = Histogram("pgwshard_health_query_seconds", "Duration of each health query "
-                                       "(a Consul blocking query returns on change or after its wait).",
-                                       buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60), registry=registry)
-
-
 class Daemon:
-    def __init__(self, settings: Settings, source=None, sinks: Sequence[Sink] | None = None,
+    """The sync loop: one watch thread feeds snapshots, the main thread damps and writes, an
+    optional thread rebalances. `source`, `sinks`, `rebalancer` default to what settings ask for."""
+
+    def __init__(self, settings: Settings, source: HealthSource | None = None, sinks: Sequence[Sink] | None = None,
                  registry: CollectorRegistry | None = None, rebalancer=None):
         self.settings = settings
         self.registry = registry or CollectorRegistry()
@@ -111,7 +101,7 @@ class Daemon:
         self._had_good = False  # no write happens before the first good snapshot
         self._source_failing = False
 
-    def _source(self):
+    def _source(self) -> HealthSource:
         if self.settings.source == "consul":
             return ConsulHealth(self.settings.consul)
         return ProbeHealth(self.settings.pushgateways, self.settings.probes)
@@ -136,6 +126,24 @@ class Daemon:
             self.step(timeout=self._wait_time())
         for t in threads:
             t.join(timeout=5)
+
+    def run_once(self, timeout: float) -> bool:
+        """One sync (`--once`): wait up to `timeout` for a set to apply, write it to every sink,
+        then reconcile once. True when every sink took the set."""
+        self._register()
+        watcher = threading.Thread(target=self._watch, name="pgwshard-watch", daemon=True)
+        watcher.start()
+        deadline = time.monotonic() + timeout
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            self.step(timeout=max(0.01, min(self._wait_time(), deadline - time.monotonic())))
+            if self.damper.applied is not None and not self._dirty:
+                break
+        self.stop.set()
+        watcher.join(timeout=1)  # a blocking Consul query may outlive this; the thread is a daemon
+        synced = self.damper.applied is not None and not self._dirty
+        if synced and self.rebalancer is not None and self._ring.members:
+            log.info("reconciliation: %s", self.rebalancer.reconcile(self._ring, sorted(self.known)))
+        return synced
 
     def _register(self) -> None:
         """Register the configured pushgateways in Consul, if asked to. Idempotent, so it runs at
@@ -237,17 +245,27 @@ class Daemon:
 
 
 class _JsonFormatter(logging.Formatter):
+    """One JSON object per line; configured secrets are masked even if a library echoes them."""
+
+    def __init__(self, secrets: Iterable[str] = ()):
+        super().__init__()
+        self.secrets = [s for s in secrets if s]
+
     def format(self, record: logging.LogRecord) -> str:
         entry = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
                  "msg": record.getMessage()}
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
+        line = json.dumps(entry)
+        for secret in self.secrets:
+            line = line.replace(secret, "<redacted>")
+        return line
 
 
-def configure_logging(level: str) -> None:
+def configure_logging(level: str, secrets: Iterable[str | None] = ()) -> None:
+    """JSON lines on stderr at `level`, with `secrets` (tokens) masked."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter())
+    handler.setFormatter(_JsonFormatter([s for s in secrets if s]))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -257,6 +275,9 @@ def main(argv: Iterable[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pgwshard-sync", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="the YAML config file (see kong/pgwshard.yml)")
     parser.add_argument("--check", action="store_true", help="validate the config and exit")
+    parser.add_argument("--once", action="store_true",
+                        help="sync once (and reconcile once if rebalancing is on), then exit; "
+                             "failing status when no set could be written")
     args = parser.parse_args(list(argv) if argv is not None else None)
     try:
         settings = load_settings(args.config)
@@ -265,12 +286,18 @@ def main(argv: Iterable[str] | None = None) -> None:
     if args.check:
         print(f"{args.config}: ok")
         return
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, [settings.consul and settings.consul.token,
+                                           settings.kong and settings.kong.admin_token])
     daemon = Daemon(settings)
-    host, _, port = settings.metrics_listen.rpartition(":")
-    start_http_server(int(port), addr=host or "0.0.0.0", registry=daemon.registry)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.stop.set())
+    if args.once:
+        # long enough for a full backoff schedule or an empty set's hold-down, never unbounded
+        budget = settings.hold_down + sum(settings.consul.backoff if settings.consul else ()) + 30.0
+        if not daemon.run_once(budget):
+            sys.exit("pgwshard-sync: no membership could be written (see the log)")
+        return
+    serve(settings.metrics_listen, daemon.registry)
     log.info("started: health from %s, sinks %s, metrics on %s", settings.source,
              [s.name for s in daemon.sinks], settings.metrics_listen)
     daemon.run()
