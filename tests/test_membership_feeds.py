@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
-import time
 
-from kong_plugin_pgwshard.membership import PolledMembership, read_file_sd, read_upstream_targets
+from kong_plugin_pgwshard.config import FileSdSettings
+from kong_plugin_pgwshard.membership import FileMembership, UpstreamMembership, membership_for, read_file_sd
+from kong_plugin_pgwshard.plugin_config import PluginConfig
 from kong_plugin_pgwshard.ring import Member
+from kong_plugin_pgwshard.sinks import FileSdSink
 from tests.support.kong_rpc import KongRPC, Request, run_access
 from tests.support.processes import wait_until
 
@@ -31,9 +34,8 @@ def test_plugin_follows_the_kong_upstream_and_keeps_the_last_good_set(plugin_ser
     assert "added ['127.0.0.1:9402']" in server.log()
 
     kong.stop()  # Admin API gone: the ring stays as it was
-    time.sleep(1.0)
+    wait_until(lambda: "read failed, keeping 2 members" in server.log(), 10, what="a failed refresh")
     assert targets_of(rpc, iid) == {("127.0.0.1", 9401), ("127.0.0.1", 9402)}
-    assert "read failed, keeping 2 members" in server.log()
 
 
 def test_an_empty_target_list_read_successfully_empties_the_ring(plugin_server_factory, tmp_path):
@@ -44,30 +46,68 @@ def test_an_empty_target_list_read_successfully_empties_the_ring(plugin_server_f
     iid = rpc.start_instance("pgwshard", {"membership": "file", "membership_file": str(sd), "refresh_interval": 0.2})
     assert run_access(rpc, iid, Request("/metrics/job/x")).target == ("127.0.0.1", 9401)
     sd.write_text("{ not json")  # a corrupt file: keep the last good set
-    time.sleep(0.8)
+    wait_until(lambda: "read failed, keeping 1 members" in server.log(), 10, what="a failed read")
     assert run_access(rpc, iid, Request("/metrics/job/x")).target == ("127.0.0.1", 9401)
     sd.write_text("[]")  # pgwshard-sync wrote "nobody is healthy"
     wait_until(lambda: run_access(rpc, iid, Request("/metrics/job/x")).exit, 10, what="503")
     assert run_access(rpc, iid, Request("/metrics/job/x")).exit[0] == 503
 
 
-def test_ring_answers_instantly_while_a_refresh_hangs(kong_admin):
+def test_ring_answers_while_a_refresh_hangs(kong_admin):
     kong = kong_admin()
     kong.add_upstream("pushgateways", [A, B])
-    source = PolledMembership("test", lambda: read_upstream_targets(kong.url, "pushgateways", None, timeout=5), 0.1)
+    source = UpstreamMembership(kong.url, "pushgateways", None, interval=0.1, timeout=30)
     try:
         assert len(source.ring()) == 2
         kong.stall.set()
-        time.sleep(0.5)  # the refresher is now blocked inside a request
-        started = time.perf_counter()
-        for _ in range(1000):
-            source.ring().owner("k")
-        # a lookup that waited on the stalled Admin API would take its 5 s timeout
-        assert time.perf_counter() - started < 2.5
-        assert len(source.ring()) == 2
+        wait_until(lambda: kong.stalled, 10, what="the refresher blocked inside a request")
+        answered: list[int] = []
+        lookups = threading.Thread(target=lambda: answered.extend(len(source.ring()) for _ in range(1000)))
+        lookups.start()
+        lookups.join(20)  # the stalled refresh cannot finish for 30 s
+        # every lookup answered from memory while the refresher was still stuck in its request
+        assert kong.stall.is_set() and kong.stalled == 1
+        assert answered == [2] * 1000
     finally:
         kong.stall.clear()
         source.close()
+
+
+def test_the_plugin_follows_what_the_file_sd_sink_writes(tmp_path, caplog):
+    sd = tmp_path / "sd" / "pushgateways.json"
+    sink = FileSdSink(FileSdSettings(str(sd), {"role": "pushgateway"}))
+    sink.apply([Member.parse(A)])
+    with caplog.at_level(logging.INFO, logger="pgwshard.membership"):
+        source = FileMembership(str(sd), interval=0.1)
+        try:
+            assert source.ring().members == (Member.parse(A),)
+            sink.apply([Member.parse(A), Member.parse(B)])
+            wait_until(lambda: len(source.ring()) == 2, 10, what="B joins")
+            sink.apply([Member.parse(B)])
+            wait_until(lambda: source.ring().members == (Member.parse(B),), 10, what="A leaves")
+        finally:
+            source.close()
+    assert "added ['127.0.0.1:9402']" in caplog.text and "removed ['127.0.0.1:9401']" in caplog.text
+
+
+def test_instances_naming_the_same_source_share_one_poller(tmp_path):
+    sd = tmp_path / "members.json"
+    sd.write_text(json.dumps([{"targets": [A]}]))
+    config = PluginConfig(membership="file", membership_file=str(sd), refresh_interval=0.1)
+    first = membership_for(config)
+    try:
+        # Kong starts a new instance on every config change: it must not start a second poller
+        assert membership_for(PluginConfig.from_kong({"membership": "file", "membership_file": str(sd),
+                                                      "refresh_interval": 0.1})) is first
+        pollers = [t for t in threading.enumerate() if t.name == f"pgwshard-membership file {sd}"]
+        assert len(pollers) == 1
+        other = tmp_path / "other.json"
+        other.write_text("[]")
+        second = membership_for(PluginConfig(membership="file", membership_file=str(other), refresh_interval=0.1))
+        assert second is not first and len(second.ring()) == 0
+        second.close()
+    finally:
+        first.close()
 
 
 def test_read_file_sd_takes_every_group(tmp_path):

@@ -36,7 +36,7 @@ class KongAdminDouble:
         self.requests: list[tuple[str, str, dict]] = []
         self.config_hash: str | None = None
         self.stall = threading.Event()
-        self.down = False
+        self.stalled = 0  # requests that have been held by `stall` (a test waits on this)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -50,8 +50,11 @@ class KongAdminDouble:
         return self
 
     def stop(self) -> None:
+        """Stop serving (idempotent): the port then refuses connections, like a Kong that is down."""
         self.stall.clear()
-        self._server.shutdown()
+        if self._thread.is_alive():
+            self._server.shutdown()
+            self._thread.join(5)
         self._server.server_close()
 
     def target_names(self, upstream: str) -> list[str]:
@@ -85,10 +88,12 @@ class KongAdminDouble:
                 return json.loads(self.rfile.read(length) or b"{}")
 
             def _route(self, method: str) -> None:
-                for _ in range(600):  # hang while stalled, 60 s at most
-                    if not double.stall.is_set():
-                        break
-                    time.sleep(0.1)
+                if double.stall.is_set():
+                    double.stalled += 1
+                    for _ in range(600):  # hang while stalled, 60 s at most
+                        if not double.stall.is_set():
+                            break
+                        time.sleep(0.1)
                 url = urllib.parse.urlsplit(self.path)
                 query = dict(urllib.parse.parse_qsl(url.query))
                 parts = [urllib.parse.unquote(p) for p in url.path.strip("/").split("/") if p]
