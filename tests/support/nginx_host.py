@@ -33,8 +33,9 @@ def render(prefix: str, listen: str, socket: str, plugin_config: dict, upstream:
 class NginxHost(ManagedProcess):
     """A real nginx with the Lua host, in front of a plugin server's socket."""
 
-    def __init__(self, socket: str, plugin_config: dict, upstream: list[str], workers: int = 2):
-        self.port = free_port()
+    def __init__(self, socket: str, plugin_config: dict, upstream: list[str], workers: int = 2,
+                 port: int | None = None):
+        self.port = port or free_port()
         self.prefix = temp_dir("pgwshard-nginx-")
         self.conf = render(self.prefix, f"127.0.0.1:{self.port}", socket, plugin_config, upstream, workers)
         super().__init__("nginx-host", ["nginx", "-p", self.prefix, "-c", str(self.conf), "-g", "daemon off;"])

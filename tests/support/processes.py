@@ -30,8 +30,14 @@ def temp_dir(prefix: str) -> str:
     return path
 
 
+_RUNNING: set["ManagedProcess"] = set()
+
+
 @atexit.register
-def _remove_temp_paths() -> None:
+def _clean_up() -> None:
+    """A safety net: whatever a test forgot to stop is stopped when the interpreter exits."""
+    for process in list(_RUNNING):
+        process.stop(timeout=2)
     for path in _TEMP_PATHS:
         shutil.rmtree(path, ignore_errors=True)
 
@@ -85,6 +91,7 @@ class ManagedProcess:
             env=self.env, cwd=self.cwd, start_new_session=True,
         )
         log.close()
+        _RUNNING.add(self)
         return self
 
     @property
@@ -95,6 +102,7 @@ class ManagedProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 5.0, sig: int = signal.SIGTERM) -> None:
+        _RUNNING.discard(self)
         if self.proc is None:
             return
         if self.proc.poll() is None:

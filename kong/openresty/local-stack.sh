@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# pgwshard's local stack on one Debian machine: installs what it needs (Debian packages, a
+# virtualenv with pgwshard), then runs three pushgateways, the plugin server, the OpenResty host,
+# pgwshard-sync on its own probes and Prometheus; pushes sample groups, prints where each went,
+# and stays up until Ctrl-C. Arguments go to local_stack.py (--help).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+debs=(prometheus-pushgateway prometheus nginx-light libnginx-mod-http-lua lua-resty-core lua-messagepack lua-cjson)
+missing=()
+for d in "${debs[@]}"; do dpkg -s "$d" >/dev/null 2>&1 || missing+=("$d"); done
+if [ "${#missing[@]}" -gt 0 ]; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q -e .
+exec .venv/bin/python kong/openresty/local_stack.py "$@"
