@@ -42,7 +42,9 @@ class KongAdmin:
         except OSError as err:
             raise UpstreamError(f"Kong Admin API {self.url}: {method} {path}: {err}") from None
         if status not in ok:
-            raise UpstreamError(f"Kong Admin API {self.url}: {method} {path}: {status} {raw[:300]!r}")
+            # DB-less Kong answers entity writes 405: say which setting fixes it
+            hint = " (Kong is DB-less: set kong.mode: declarative)" if status == 405 and path != "/config" else ""
+            raise UpstreamError(f"Kong Admin API {self.url}: {method} {path}: {status} {raw[:300]!r}{hint}")
         try:
             return status, (json.loads(raw) if raw.strip() else None)
         except ValueError:  # e.g. a proxy's HTML error page in front of the Admin API

@@ -114,3 +114,24 @@ def test_read_file_sd_takes_every_group(tmp_path):
     sd = tmp_path / "sd.json"
     sd.write_text(json.dumps([{"targets": [A], "labels": {"x": "1"}}, {"targets": [B]}]))
     assert read_file_sd(str(sd)) == [Member.parse(A), Member.parse(B)]
+
+
+def test_plugin_sends_the_admin_token_from_its_environment_and_never_logs_it(kong_admin, request):
+    import os
+
+    from tests.support.processes import PluginServer
+
+    kong = kong_admin(token="plug1n-t0ken")
+    kong.add_upstream("pushgateways", [A])
+    server = PluginServer("gevent")
+    server.env = {**os.environ, "KONG_ADMIN_TOKEN": "plug1n-t0ken"}
+    request.addfinalizer(server.stop)
+    server.start()
+    rpc = KongRPC(server.socket_path)
+    iid = rpc.start_instance("pgwshard", {"membership": "upstream", "upstream": "pushgateways",
+                                          "admin_url": kong.url, "refresh_interval": 0.2})
+    assert targets_of(rpc, iid, 5) == {("127.0.0.1", 9401)}
+    kong.token = "rotated-t0ken"  # Kong now refuses the plugin's token: 401 on every refresh
+    wait_until(lambda: "401" in server.log(), 10, what="a refused refresh")
+    assert targets_of(rpc, iid, 5) == {("127.0.0.1", 9401)}  # last good ring kept
+    assert "t0ken" not in server.log()

@@ -8,11 +8,11 @@ import threading
 import pytest
 import yaml
 
-from kong_plugin_pgwshard.config import FileSdSettings
+from kong_plugin_pgwshard.config import FileSdSettings, KongSettings, Settings
 from kong_plugin_pgwshard.errors import UpstreamError
 from kong_plugin_pgwshard.kong_admin import KongAdmin
 from kong_plugin_pgwshard.ring import Member
-from kong_plugin_pgwshard.sinks import AdminApiSink, DeclarativeSink, FileSdSink
+from kong_plugin_pgwshard.sinks import AdminApiSink, DeclarativeSink, FileSdSink, sinks_from_settings
 
 A, B, C = (Member.parse(f"10.0.0.{i}:9091") for i in (1, 2, 3))
 
@@ -63,7 +63,7 @@ def test_admin_token_is_sent_and_never_logged(kong_admin, caplog):
 
 def test_db_less_kong_refuses_entity_writes_so_the_declarative_sink_is_needed(kong_admin, tmp_path):
     kong = kong_admin(db_less=True)
-    with pytest.raises(UpstreamError, match="405"):
+    with pytest.raises(UpstreamError, match="405.*kong.mode: declarative"):
         AdminApiSink(KongAdmin(kong.url), "pushgateways").apply([A])
 
 
@@ -122,3 +122,34 @@ def test_file_sd_sink_writes_atomically(tmp_path):
     t.join(10)
     assert seen and all(g[0]["labels"] == {"env": "test"} for g in seen)
     assert {tuple(g[0]["targets"]) for g in seen} <= {(A.name,), (A.name, B.name), (C.name,)}
+
+
+def test_a_malformed_declarative_file_is_an_error_and_nothing_is_posted(kong_admin, tmp_path):
+    kong = kong_admin(db_less=True)
+    path = tmp_path / "kong.yml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(UpstreamError, match="kong.yml"):
+        DeclarativeSink([KongAdmin(kong.url)], str(path), "pushgateways").apply([A])
+    assert kong.requests == []  # Kong keeps the config it has
+
+
+def test_a_failed_file_sd_write_leaves_no_temp_file(tmp_path):
+    path = tmp_path / "pushgateways.json"
+    path.mkdir()  # a directory where the file should go: the rename fails
+    with pytest.raises(UpstreamError, match="cannot write"):
+        FileSdSink(FileSdSettings(str(path))).apply([A])
+    assert [p.name for p in tmp_path.iterdir()] == ["pushgateways.json"]
+
+
+def test_sinks_follow_the_settings(tmp_path):
+    base = dict(pushgateways=(A,))
+    [admin] = sinks_from_settings(Settings(**base, kong=KongSettings(admin_url="http://127.0.0.1:1", upstream="u")))
+    assert isinstance(admin, AdminApiSink) and admin.upstream == "u"
+    declarative, file_sd = sinks_from_settings(Settings(
+        **base, kong=KongSettings(mode="declarative", declarative_file="kong.yml",
+                                  nodes=("http://127.0.0.1:1", "http://127.0.0.1:2")),
+        file_sd=FileSdSettings(str(tmp_path / "sd.json"))))
+    assert isinstance(declarative, DeclarativeSink) and [n.url for n in declarative.nodes] == [
+        "http://127.0.0.1:1", "http://127.0.0.1:2"]
+    assert isinstance(file_sd, FileSdSink)
+    assert sinks_from_settings(Settings(**base)) == []
