@@ -77,3 +77,10 @@ def test_db_less_refuses_entity_writes_and_loads_config_with_check_hash(kong_adm
     with pytest.raises(UpstreamError, match="400"):  # Kong refuses a config it cannot parse
         admin.post_config({"upstreams": []})
     assert kong.target_names("pgw") == ["a:1"]  # and the loaded one stays
+
+
+def test_a_kong_with_a_database_refuses_declarative_config(kong_admin):
+    kong = kong_admin()
+    with pytest.raises(UpstreamError, match="400.*not use a database"):
+        KongAdmin(kong.url).post_config({"_format_version": "3.0"})
+    assert kong.writes == []

@@ -9,7 +9,9 @@
 - PATCH /upstreams/{u}/targets/{host:port or id}: 200; DELETE: 204 (404 if unknown).
 - DB-less mode: entity writes answer 405 ("cannot create/update/delete ... in DB-less mode");
   POST /config {"config": <declarative config as a string>} loads it whole: 201, or 400 when
-  it does not parse; with ?check_hash=1 an unchanged config answers 304.
+  it does not parse; with ?check_hash=1 an unchanged config answers 304. A Kong with a
+  database answers POST /config with 400 ("only available when Kong is configured to not use
+  a database").
 - With an admin token configured, requests without the `Kong-Admin-Token` header get 401.
 `stall` makes every request hang (as an overloaded Admin API would); `writes` records writes.
 """
@@ -151,8 +153,11 @@ class KongAdminDouble:
                 return self._send(405, {"message": "Method not allowed"})
 
             def _config(self, method, parts, query, body):
-                if method != "POST" or not double.db_less:
-                    return self._send(404 if not double.db_less else 405, {"message": "Not found"})
+                if not double.db_less:  # kong/api/routes/config.lua: a DB-mode Kong refuses with 400
+                    return self._send(400, {"message": "this endpoint is only available when Kong is "
+                                                       "configured to not use a database"})
+                if method != "POST":
+                    return self._send(405, {"message": "Method not allowed"})
                 try:
                     doc = yaml.safe_load(body["config"])
                     assert isinstance(doc, dict) and doc.get("_format_version")
