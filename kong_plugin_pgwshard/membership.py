@@ -73,25 +73,31 @@ class PolledMembership:
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
-            self.refresh()
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 - a dead poller would freeze the ring for good
+                log.exception("membership %s: refresh crashed, keeping %d members", self.name, len(self._ring))
 
 
 def read_file_sd(path: str) -> list[Member]:
     """Members listed in a Prometheus file_sd JSON file (every group's targets)."""
     with open(path, encoding="utf-8") as f:
         groups = json.load(f)
-    if not isinstance(groups, list):
-        raise ValueError(f"{path}: expected a JSON list of target groups")
-    return [Member.parse(target) for group in groups for target in group.get("targets", [])]
+    if not isinstance(groups, list) or not all(
+            isinstance(g, dict) and isinstance(g.get("targets", []), list) for g in groups):
+        raise ValueError(f"{path}: expected a JSON list of target groups, each with a list of targets")
+    return [Member.parse(str(target)) for group in groups for target in group.get("targets", [])]
 
 
 def read_upstream_targets(admin_url: str, upstream: str, token: str | None, timeout: float = 2.0) -> list[Member]:
     """The targets of a Kong upstream, following the Admin API's pagination."""
     admin = KongAdmin(admin_url, token, timeout)  # the one Admin API client (no logging, no token in errors)
     try:
-        return [Member.parse(t["target"], int(t.get("weight", 100))) for t in admin.targets(upstream)]
-    except (KeyError, TypeError) as err:
+        targets = [(t["target"], int(t.get("weight", 100))) for t in admin.targets(upstream)]
+    except (KeyError, TypeError, ValueError) as err:
         raise UpstreamError(f"upstream {upstream} at {admin_url}: malformed target entity: {err}") from None
+    # weight 0 is Kong's "receives no traffic": such a target owns no groups either
+    return [Member.parse(target, weight) for target, weight in targets if weight > 0]
 
 
 class UpstreamMembership(PolledMembership):

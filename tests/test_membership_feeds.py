@@ -135,3 +135,32 @@ def test_plugin_sends_the_admin_token_from_its_environment_and_never_logs_it(kon
     wait_until(lambda: "401" in server.log(), 10, what="a refused refresh")
     assert targets_of(rpc, iid, 5) == {("127.0.0.1", 9401)}  # last good ring kept
     assert "t0ken" not in server.log()
+
+
+def test_malformed_files_keep_the_last_good_ring_and_the_poller_alive(tmp_path, caplog):
+    sd = tmp_path / "members.json"
+    sd.write_text(json.dumps([{"targets": [A]}]))
+    source = FileMembership(str(sd), interval=0.05)
+    try:
+        for bad in ("", "[1]", '{"targets": ["127.0.0.1:9402"]}', '[{"targets": "127.0.0.1:9402"}]',
+                    '[{"targets": ["no-port"]}]'):
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="pgwshard.membership"):
+                sd.write_text(bad)
+                wait_until(lambda: "read failed, keeping 1 members" in caplog.text, 10, what=f"rejecting {bad!r}")
+            assert source.ring().members == (Member.parse(A),)
+        sd.write_text(json.dumps([{"targets": [B]}]))  # the same poller picks up the next good file
+        wait_until(lambda: source.ring().members == (Member.parse(B),), 10, what="recovery")
+    finally:
+        source.close()
+
+
+def test_a_weight_zero_target_owns_nothing(kong_admin):
+    kong = kong_admin()
+    kong.add_upstream("pushgateways", [A, B])
+    kong.targets["pushgateways"][1]["weight"] = 0  # Kong: weight 0 receives no traffic
+    source = UpstreamMembership(kong.url, "pushgateways", None, interval=30)
+    try:
+        assert source.ring().members == (Member.parse(A),)
+    finally:
+        source.close()
