@@ -79,7 +79,9 @@ def _group(entry: Mapping[str, Any]) -> Group:
         key = GroupingKey.from_labels(entry["labels"])
     except GroupingKeyError as exc:
         raise ValueError(f"group {entry['labels']!r}: {exc}") from None
-    push_time = float(entry["push_time_seconds"]["metrics"][0]["value"])
+    # Every group lists push_time_seconds; if one did not, treat it as never pushed (oldest).
+    stamp = entry.get("push_time_seconds")
+    push_time = float(stamp["metrics"][0]["value"]) if stamp else 0.0
     families = {name: family for name, family in entry.items()
                 if isinstance(family, dict) and "metrics" in family and name not in PUSHGATEWAY_FAMILIES}
     return Group(key=key, push_time=push_time, families=families)
