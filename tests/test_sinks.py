@@ -82,12 +82,17 @@ def test_declarative_sink_replaces_only_the_targets_on_every_node(kong_admin, tm
     nodes = [kong_admin(db_less=True), kong_admin(db_less=True)]
     path = _user_config(tmp_path)
     sink = DeclarativeSink([KongAdmin(n.url) for n in nodes], str(path), "pushgateways")
+    user_text = path.read_text()
     doc = sink.render([A, B])
-    original = yaml.safe_load(path.read_text())
+    original = yaml.safe_load(user_text)
     assert doc["services"] == original["services"] and doc["upstreams"][1] == {"name": "other"}
     sink.apply([A, B])
     for node in nodes:
         assert node.target_names("pushgateways") == [A.name, B.name]
+        # what Kong loaded keeps the user's other entities exactly as written
+        assert node.config["services"] == original["services"] and node.config["_format_version"] == "3.0"
+        assert node.config["upstreams"][1] == {"name": "other"}
+    assert path.read_text() == user_text  # the user's file is read, never rewritten
     sink.apply([A, B])  # unchanged: check_hash makes Kong answer 304, nothing reloaded
     assert all(n.writes == [("POST", "/config")] for n in nodes)
 

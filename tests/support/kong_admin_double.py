@@ -37,6 +37,7 @@ class KongAdminDouble:
         self.writes: list[tuple[str, str]] = []
         self.requests: list[tuple[str, str, dict]] = []
         self.config_hash: str | None = None
+        self.config: dict | None = None  # the last declarative config loaded through POST /config
         self.stall = threading.Event()
         self.stalled = 0  # requests that have been held by `stall` (a test waits on this)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -166,7 +167,7 @@ class KongAdminDouble:
                 digest = hashlib.md5(body["config"].encode()).hexdigest()
                 if query.get("check_hash") == "1" and digest == double.config_hash:
                     return self._send(304)
-                double.config_hash = digest
+                double.config_hash, double.config = digest, doc
                 double.writes.append(("POST", "/config"))
                 double.upstreams, double.targets = {}, {}
                 for upstream in doc.get("upstreams", []):
