@@ -3,16 +3,18 @@ from __future__ import annotations
 
 import time
 import urllib.request
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from kong_plugin_pgwshard.grouping import GroupingKey
 from kong_plugin_pgwshard.pushgateway_client import PushgatewayClient
-from kong_plugin_pgwshard.rebalance import COPY, DELETE, MARKER_FAMILY, SKIP, Rebalancer
+from kong_plugin_pgwshard.rebalance import COPY, DELETE, MARKER_FAMILY, MOVED_FAMILY, SKIP, Rebalancer
 from kong_plugin_pgwshard.ring import Member, Ring
 from tests.support.processes import wait_until
 from tests.support.prometheus import prometheus  # noqa: F401 - fixture
+from tests.test_exposition import ALL_TYPES
 
 KEYS = [GroupingKey.from_labels({"job": "batch", "instance": f"node-{n}"}) for n in range(40)]
 
@@ -335,8 +337,6 @@ def test_alerts_on_push_time_stay_honest_after_a_move(pushgateways, prometheus):
 
 
 def test_pace_comes_from_the_rebalance_settings_and_must_be_positive():
-    from types import SimpleNamespace
-
     assert Rebalancer(SimpleNamespace(enabled=True, interval=60, max_ops_per_second=7)).max_ops_per_second == 7
     assert Rebalancer({"max_ops_per_second": 7}, max_ops_per_second=9).max_ops_per_second == 9
     with pytest.raises(ValueError, match="max_ops_per_second"):
@@ -363,3 +363,22 @@ def test_owner_is_rechecked_right_before_the_copy(pushgateways, monkeypatch):
 
     assert (report.moved, report.deleted) == (0, 1)
     assert placement(pgws) == {key: [(owner.address, 2)]}  # the newer push was not overwritten
+
+
+def test_a_moved_group_keeps_every_family_exactly(pushgateways):
+    pgws = pushgateways(2)
+    key = GroupingKey.from_labels({"job": "batch", "instance": "a/b c"})
+    PushgatewayClient(pgws[0].address).put_group(key, ALL_TYPES)
+    [before] = PushgatewayClient(pgws[0].address).groups()
+
+    Rebalancer(max_ops_per_second=500).reconcile(Ring([Member.parse(pgws[1].address)]), pgws_addresses(pgws))
+
+    assert PushgatewayClient(pgws[0].address).groups() == []
+    [after] = PushgatewayClient(pgws[1].address).groups()
+
+    def content(group) -> dict:  # everything but the write time of each family
+        return {name: {k: v for k, v in family.items() if k != "time_stamp"}
+                for name, family in group.families.items() if name not in (MARKER_FAMILY, MOVED_FAMILY)}
+
+    assert content(after) == content(before)
+    assert len(content(after)) == 5
