@@ -50,3 +50,27 @@ def test_locate_reads_a_file_sd_membership(tmp_path):
 def test_locate_without_members_says_so():
     result = locate("/metrics/job/x", env={"PATH": "/usr/bin:/bin"})
     assert result.returncode == 1 and "no healthy pushgateway" in result.stdout
+
+
+def test_locate_takes_members_from_the_environment_and_a_prefix():
+    env = {"PATH": "/usr/bin:/bin", "PGWSHARD_NODES": ",".join(NODES)}
+    by_env = locate("--prefix", "/pgw", "/pgw/metrics/job/x/instance/a", "/metrics/job/x", env=env)
+    by_list = locate("--nodes", ",".join(NODES), "/metrics/job/x/instance/a")
+    assert by_env.returncode == 0, by_env.stderr
+    first, second = by_env.stdout.splitlines()
+    assert first.split("\t")[1:] == by_list.stdout.strip().split("\t")[1:]
+    assert first.split("\t")[1] == '{instance="a",job="x"}'
+    assert "not a push path" in second  # outside the prefix: not ours to route
+
+
+def test_a_bad_path_is_reported_and_the_others_still_located():
+    result = locate("--nodes", ",".join(NODES), "/metrics/job/x/__bad/1", "/metrics/job/y")
+    bad, good = result.stdout.splitlines()
+    assert result.returncode == 1
+    assert bad == '/metrics/job/x/__bad/1\terror: improper label name "__bad"'
+    assert good.startswith('/metrics/job/y\t{job="y"}\t127.0.0.1:930')
+
+
+def test_bad_membership_is_a_clear_error():
+    result = locate("--nodes", "127.0.0.1", "/metrics/job/x")
+    assert result.returncode == 1 and "expected host:port" in result.stderr

@@ -14,6 +14,7 @@ from prometheus_client.exposition import default_handler
 
 from kong_plugin_pgwshard.errors import GroupingKeyError
 from kong_plugin_pgwshard.grouping import GroupingKey, parse_push_path
+from tests.support.processes import wait_until
 
 VECTORS = json.loads((Path(__file__).parent / "vectors/grouping.json").read_text())
 # Paths Pushgateway 1.5.1 accepts but we refuse: it stores the non-UTF-8 value and then fails
@@ -160,3 +161,38 @@ def test_no_input_raises_anything_but_our_error(path):
         parse_push_path(path)
     except GroupingKeyError:
         pass
+
+
+
+def test_a_real_pushgateway_stores_every_spelling_as_one_group(pushgateways):
+    """Random keys, each pushed in three random legal spellings to a real pushgateway: it holds
+    exactly one group, whose labels are the key's, and DELETE on key.path() removes it."""
+    (pgw,) = pushgateways(1)
+
+    def delete(key: GroupingKey) -> None:
+        request = urllib.request.Request(pgw.url + key.path(), method="DELETE")
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            assert resp.status == 202  # accepted: Pushgateway deletes asynchronously
+
+    @settings(max_examples=40, deadline=None)
+    @given(key=keys, data=st.data())
+    def check(key, data):
+        labels = [(n, v) for n, v in key.labels if n != "job"]
+        try:
+            for _ in range(3):
+                suffix, job = _spell(key.job, data.draw(spellings))
+                path = f"/metrics/job{suffix}/{job}"
+                for name, value in data.draw(st.permutations(labels)):
+                    suffix, text = _spell(value, data.draw(spellings))
+                    path += f"/{name}{suffix}/{text}"
+                assert parse_push_path(path) == key
+                assert _put(pgw.url + path) == 200, path
+            assert [GroupingKey.from_labels(g["labels"]) for g in pgw.groups()] == [key]
+            delete(key)
+            wait_until(lambda: pgw.groups() == [], timeout=5, what="the group deleted by its canonical path")
+        finally:  # a failed example must not leave groups behind for the next one
+            for group in pgw.groups():
+                delete(GroupingKey.from_labels(group["labels"]))
+            wait_until(lambda: pgw.groups() == [], timeout=5, what="a clean pushgateway")
+
+    check()
