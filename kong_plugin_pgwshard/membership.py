@@ -64,7 +64,7 @@ class PolledMembership:
             old = {m.name for m in self._ring.members}
             new = {m.name for m in ring.members}
             log.warning("membership %s: now %d members (added %s, removed %s)", self.name, len(ring),
-                        sorted(new - old) or "none", sorted(old - new) or "none")
+                        _names(new - old), _names(old - new))
             self._ring = ring
         return True
 
@@ -77,6 +77,15 @@ class PolledMembership:
                 self.refresh()
             except Exception:  # noqa: BLE001 - a dead poller would freeze the ring for good
                 log.exception("membership %s: refresh crashed, keeping %d members", self.name, len(self._ring))
+
+
+def _names(names: set[str], shown: int = 20) -> str:
+    """A change for the log: the first `shown` names, so a first read of a big upstream stays one short line."""
+    if not names:
+        return "none"
+    ordered = sorted(names)
+    more = f" and {len(ordered) - shown} more" if len(ordered) > shown else ""
+    return f"{ordered[:shown]}{more}"
 
 
 def read_file_sd(path: str) -> list[Member]:

@@ -164,3 +164,13 @@ def test_a_weight_zero_target_owns_nothing(kong_admin):
         assert source.ring().members == (Member.parse(A),)
     finally:
         source.close()
+
+
+def test_a_big_change_is_logged_in_one_short_line(tmp_path, caplog):
+    sd = tmp_path / "members.json"
+    sd.write_text(json.dumps([{"targets": [f"10.4.0.{i}:9091" for i in range(1, 201)]}]))
+    with caplog.at_level(logging.WARNING, logger="pgwshard.membership"):
+        source = FileMembership(str(sd), interval=30)
+        source.close()
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "now 200 members" in line and "and 180 more" in line and len(line) < 1000
