@@ -2,7 +2,7 @@
 
 - GET /upstreams/{name or id}: 200, or 404 when missing.
 - POST /upstreams {"name"}: 201 with the entity; 409 when the name exists (unique constraint).
-- GET /upstreams/{u}/targets: paginated, `size` (default 100, max 1000) entities per page in
+- GET /upstreams/{u}/targets: paginated, `size` (default 100, 1..1000, else 400) entities per page in
   `data`, with `next` (a path with `offset`) and `offset` while more remain, `next: null` last.
 - POST /upstreams/{u}/targets {"target": "host:port", "weight": 0..65535 (default 100)}: 201;
   409 when the target exists in the upstream.
@@ -128,7 +128,9 @@ class KongAdminDouble:
                     return self._send(200, double.upstreams[name])
                 targets = double.targets[name]
                 if len(parts) == 3 and method == "GET":
-                    size = min(int(query.get("size", 100)), 1000)
+                    size = int(query.get("size", 100))
+                    if not 1 <= size <= 1000:  # Kong's DAO: "size must be an integer between 1 and 1000"
+                        return self._send(400, {"message": "size must be an integer between 1 and 1000"})
                     offset = int(query.get("offset", 0))
                     page = targets[offset:offset + size]
                     more = offset + size < len(targets)
