@@ -5,6 +5,7 @@ Errors become UpstreamError where the I/O happens. The admin token travels in th
 """
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.parse
@@ -39,11 +40,11 @@ class KongAdmin:
                 status, raw = resp.status, resp.read()
         except urllib.error.HTTPError as err:
             status, raw = err.code, err.read()
-        except OSError as err:
+        except (OSError, http.client.HTTPException) as err:  # refused, timed out, cut off mid-answer
             raise UpstreamError(f"Kong Admin API {self.url}: {method} {path}: {err}") from None
         if status not in ok:
             # DB-less Kong answers entity writes 405: say which setting fixes it
-            hint = " (Kong is DB-less: set kong.mode: declarative)" if status == 405 and path != "/config" else ""
+            hint = " (Kong is DB-less: set kong.mode: declarative)" if status == 405 and not path.startswith("/config") else ""
             raise UpstreamError(f"Kong Admin API {self.url}: {method} {path}: {status} {raw[:300]!r}{hint}")
         try:
             return status, (json.loads(raw) if raw.strip() else None)
