@@ -8,7 +8,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import event, given, settings, strategies as st
 from prometheus_client import CollectorRegistry, Gauge, delete_from_gateway, push_to_gateway, pushadd_to_gateway
 from prometheus_client.exposition import default_handler
 
@@ -20,6 +20,13 @@ VECTORS = json.loads((Path(__file__).parent / "vectors/grouping.json").read_text
 # Paths Pushgateway 1.5.1 accepts but we refuse: it stores the non-UTF-8 value and then fails
 # every later push to that instance (seen in its consistency check), so the gateway says 400.
 ACCEPTED_ONLY_BY_PUSHGATEWAY = {"/metrics/job/a/b@base64/_-8", "/metrics/job/a/b@base64/gA"}
+
+
+def _wedges_pushgateway(error: GroupingKeyError) -> bool:
+    """Pushgateway 1.5.1 returns 400 for a bad base64 job name without releasing its handler's
+    mutex: every later `job@base64` push of that method to that instance hangs (fixed upstream
+    by "Remove unneeded mutex"). The plugin refuses such paths, so they never reach one."""
+    return str(error).startswith("invalid base64 encoding for job name")
 
 
 @pytest.mark.parametrize("vector", VECTORS, ids=lambda v: v["path"])
@@ -51,7 +58,9 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 def test_a_real_pushgateway_agrees_with_every_vector(pushgateways):
     (pgw,) = pushgateways(1)
-    for vector in VECTORS:
+    # Paths that wedge Pushgateway 1.5.1 go last, when nothing else needs that instance.
+    wedging = [v for v in VECTORS if v.get("error", "").startswith("invalid base64 encoding for job name")]
+    for vector in [v for v in VECTORS if v not in wedging] + wedging:
         if vector["path"] in ACCEPTED_ONLY_BY_PUSHGATEWAY:
             continue
         status = _put(pgw.url + vector["path"])
@@ -194,5 +203,42 @@ def test_a_real_pushgateway_stores_every_spelling_as_one_group(pushgateways):
             for group in pgw.groups():
                 delete(GroupingKey.from_labels(group["labels"]))
             wait_until(lambda: pgw.groups() == [], timeout=5, what="a clean pushgateway")
+
+    check()
+
+
+# Pieces of path segments: mostly harmless, some where parsers tend to disagree.
+PIECES = ["a", "b", "job", "instance", "x_1", "YQ", "Yg", "=", "@base64", "%20", "+", ":", "%C3%A9", "%2F",
+          "%2E", ".", "%zz", "%2", "__", "1", "_", "?x=1", "%3F", "/"]
+random_tails = st.tuples(
+    st.sampled_from(["/", "/", "@base64/", ""]),
+    st.lists(st.lists(st.sampled_from(PIECES), min_size=1, max_size=2).map("".join), max_size=7).map("/".join),
+).map("".join)
+
+
+def test_a_real_pushgateway_accepts_exactly_what_we_accept(pushgateways):
+    """Differential check on random paths: what we parse, a real pushgateway stores under the
+    same labels (200); what we refuse, it refuses too (400, or a redirect for unclean paths)."""
+    (pgw,) = pushgateways(1)
+
+    @settings(max_examples=300, deadline=None)
+    @given(random_tails)
+    def check(tail):
+        path = "/metrics/job" + tail
+        try:
+            key = parse_push_path(path)
+        except GroupingKeyError as err:
+            if "not valid UTF-8" in str(err) or _wedges_pushgateway(err):
+                return  # Pushgateway 1.5.1 mishandles these (see above); the plugin shields it
+            event("refused")
+            assert _put(pgw.url + path) >= 300, f"{path}: we refuse ({err}), Pushgateway stores it"
+            return
+        if key is None:
+            return  # not a push path (e.g. /metrics/jobs): not ours to judge
+        event("accepted")
+        before = {GroupingKey.from_labels(g["labels"]) for g in pgw.groups()}
+        assert _put(pgw.url + path) == 200, f"{path}: we accept as {key}, Pushgateway refuses"
+        after = {GroupingKey.from_labels(g["labels"]) for g in pgw.groups()}
+        assert after == before | {key}, path
 
     check()
