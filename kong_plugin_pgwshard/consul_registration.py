@@ -7,7 +7,7 @@ whose pushgateway left the config are deregistered, and entries anyone else made
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import consul
 
@@ -23,14 +23,23 @@ def service_id(service: str, member: Member) -> str:
     return f"{service}-{member.host}-{member.port}"
 
 
-def sync_registrations(client: consul.Consul, settings: ConsulSettings, pushgateways: Sequence[Member]) -> None:
-    """Make the agent's pgwshard-managed registrations equal `pushgateways`."""
+def sync_registrations(client: consul.Consul, settings: ConsulSettings, pushgateways: Sequence[Member],
+                       known_healthy: Collection[Member] = frozenset()) -> None:
+    """Make the agent's pgwshard-managed registrations equal `pushgateways`.
+
+    `known_healthy` start out passing instead of critical: an agent that returns without its
+    registrations would otherwise report them critical until each first check, and the
+    membership would shed healthy instances for a second. A dead one among them turns critical
+    at its first check and leaves then.
+    """
     reg = settings.register
     try:
         wanted = {service_id(settings.service, m): m for m in pushgateways}
         for sid, member in wanted.items():
             check = consul.Check.http(f"http://{member.name}/-/healthy", f"{reg.check_interval:g}s",
                                       timeout=f"{reg.check_timeout:g}s", deregister=f"{reg.deregister_after:g}s")
+            if member in known_healthy:
+                check["Status"] = "passing"
             client.agent.service.register(settings.service, service_id=sid, address=member.host, port=member.port,
                                           tags=[settings.tag] if settings.tag else None, check=check,
                                           meta=MANAGED_BY)

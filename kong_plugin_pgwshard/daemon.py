@@ -45,6 +45,9 @@ class Damper:
     more often the view than the fleet (services just registered are critical until their first
     check passes), so an empty set applies only after it has been observed for `hold_down`
     seconds, at start-up too.
+
+    After a source outage, removals also wait `hold_down` (`settle()`): a Consul that returns
+    rebuilds its view one registration at a time, and a partial view is not a failure.
     """
 
     def __init__(self, hold_down: float, clock: Callable[[], float] = time.monotonic):
@@ -54,6 +57,11 @@ class Damper:
         self._healthy: frozenset[Member] = frozenset()
         self._healthy_since: dict[Member, float] = {}
         self._empty_since: float | None = None
+        self._settle_until = 0.0
+
+    def settle(self) -> None:
+        """The source just recovered: hold removals for `hold_down` seconds."""
+        self._settle_until = self.clock() + self.hold_down
 
     def observe(self, healthy: frozenset[Member]) -> None:
         now = self.clock()
@@ -68,14 +76,18 @@ class Damper:
         if self.applied is None:  # the first set: nothing to damp against, unless it is empty
             return None if emptying else self._healthy
         joining = {m for m in self._healthy - self.applied if now - self._healthy_since[m] >= self.hold_down}
+        if now < self._settle_until:
+            return self.applied | joining
         wanted = frozenset((self.applied & self._healthy) | joining)
         return self.applied if emptying and self.applied else wanted
 
     def next_deadline(self) -> float | None:
-        """When a pending member may join, if any is pending."""
+        """When the decision may next change by time alone (a join, an empty set, the settling end)."""
         pending = [self._healthy_since[m] + self.hold_down for m in self._healthy - (self.applied or set())]
         if self._empty_since is not None:
             pending.append(self._empty_since + self.hold_down)
+        if self._settle_until > self.clock():
+            pending.append(self._settle_until)
         return min(pending) if pending else None
 
 
@@ -153,7 +165,8 @@ class Daemon:
             return
         from .consul_registration import sync_registrations
         try:
-            sync_registrations(consul_client(consul), consul, self.settings.pushgateways)
+            sync_registrations(consul_client(consul), consul, self.settings.pushgateways,
+                               known_healthy=self.damper.applied or frozenset())
         except UpstreamError as err:
             log.error("%s", err)  # health still flows from what is registered already
 
@@ -194,7 +207,8 @@ class Daemon:
                         len(self.damper.applied or ()), snapshot.error)
             return
         if self._source_failing:
-            log.info("health source is back")
+            log.info("health source is back; removals wait %gs while its view settles", self.damper.hold_down)
+            self.damper.settle()
             self._register()
         self._source_failing = False
         self.metrics.source_up.set(1)

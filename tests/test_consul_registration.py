@@ -74,3 +74,13 @@ def test_unreachable_consul_is_an_upstream_error_without_the_token():
     with pytest.raises(UpstreamError, match="consul registration failed") as err:
         sync_registrations(consul_client(settings), settings, [Member("127.0.0.1", 9091)])
     assert "registration-secret" not in str(err.value)
+
+
+def test_known_healthy_start_passing_and_a_dead_one_fails_at_its_first_check(consul, pushgateways):
+    alive, = pushgateways(1)
+    dead = Member("127.0.0.1", free_port())
+    settings = settings_for(consul)
+    sync_registrations(consul_client(settings), settings, [Member.parse(alive.address), dead],
+                       known_healthy={Member.parse(alive.address), dead})
+    assert passing(consul) == {alive.address, dead.name}  # at once, before any check has run
+    wait_until(lambda: passing(consul) == {alive.address}, 10, what="the dead one fails its first check")

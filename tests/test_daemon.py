@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -12,11 +15,12 @@ from contextlib import contextmanager
 import pytest
 
 from kong_plugin_pgwshard.config import parse_settings
-from kong_plugin_pgwshard.daemon import Daemon
+from kong_plugin_pgwshard.daemon import Daemon, Damper
 from kong_plugin_pgwshard.ring import Member
-from tests.support.processes import Pushgateway, wait_until
+from tests.support.processes import Consul, Pushgateway, free_port, http_get, wait_until
 
 CONSUL_TOKEN = "consul-token-never-logged"
+KONG_TOKEN = "kong-admin-token-never-logged"
 
 
 @contextmanager
@@ -167,3 +171,112 @@ def test_consul_down_at_start_writes_nothing(consul_stack):
                    what="errors counted")
         assert kong.target_names("pushgateways") == ["10.9.9.9:9091"]
         assert kong.writes == []
+
+
+def test_consul_restarted_empty_is_re_registered_and_nothing_is_removed(consul_stack):
+    consul, pgws, kong, settings = consul_stack
+    everyone = sorted(p.address for p in pgws)
+    daemon = Daemon(settings)
+    with running(daemon):
+        wait_until(lambda: kong.target_names("pushgateways") == everyone, 20, what="registered and healthy")
+        consul.stop()  # a dev agent comes back with no services: the daemon must register them again
+        wait_until(lambda: daemon.registry.get_sample_value("pgwshard_health_source_up") == 0, 15,
+                   what="outage reported")
+        writes_before = len(kong.writes)
+        again = Consul(http_port=consul.http_port)
+        try:
+            again.start()
+            wait_until(lambda: daemon.registry.get_sample_value("pgwshard_health_source_up") == 1, 20,
+                       what="sync resumes")
+            wait_until(lambda: len(daemon.damper._healthy) == 3, 20, what="re-registered and passing again")
+            assert kong.target_names("pushgateways") == everyone
+            assert kong.writes[writes_before:] == []  # not emptied while the new registrations were critical
+        finally:
+            again.stop()
+
+
+def sync_process(config_path, *extra, env_token: str) -> subprocess.Popen:
+    env = {**os.environ, "KONG_ADMIN_TOKEN": env_token}
+    return subprocess.Popen([sys.executable, "-m", "kong_plugin_pgwshard.daemon", "--config", str(config_path), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
+                            text=True)
+
+
+@pytest.fixture
+def process_stack(pushgateways, kong_admin, tmp_path):
+    pgws = pushgateways(2)
+    kong = kong_admin(token=KONG_TOKEN)
+    port = free_port()
+    config = tmp_path / "pgwshard.yml"
+    config.write_text(json.dumps({
+        "pushgateways": [p.address for p in pgws],
+        "health": {"probes": {"interval": "200ms", "timeout": "500ms"}},
+        "kong": {"admin_url": kong.url},
+        "file_sd": {"path": str(tmp_path / "sd.json")},
+        "rebalance": {"enabled": False},
+        "metrics": {"listen": f"127.0.0.1:{port}"},
+    }))
+    return pgws, kong, config, port
+
+
+def test_the_process_serves_metrics_logs_json_without_tokens_and_stops_on_sigterm(process_stack, tmp_path):
+    pgws, kong, config, port = process_stack
+    proc = sync_process(config, env_token=KONG_TOKEN)
+    try:
+        everyone = sorted(p.address for p in pgws)
+        wait_until(lambda: kong.target_names("pushgateways") == everyone, 15, what="targets written")
+        wait_until(lambda: b"pgwshard_members 2.0" in http_get(f"http://127.0.0.1:{port}/metrics")[1], 10,
+                   what="metrics served")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=5)
+    assert proc.returncode == 0
+    lines = [json.loads(line) for line in err.splitlines()]  # every line is a JSON object
+    assert any("membership change" in entry["msg"] for entry in lines) and lines[-1]["msg"] == "stopped"
+    assert KONG_TOKEN not in out + err
+
+
+def test_once_syncs_and_exits(process_stack, tmp_path):
+    pgws, kong, config, _ = process_stack
+    proc = sync_process(config, "--once", env_token=KONG_TOKEN)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert kong.target_names("pushgateways") == sorted(p.address for p in pgws)
+    assert file_members(tmp_path / "sd.json") == {p.address for p in pgws}
+    assert KONG_TOKEN not in out + err
+
+
+def test_damper_rules_on_a_clock():
+    now = [0.0]
+    damper = Damper(hold_down=5.0, clock=lambda: now[0])
+    a, b, c = (Member("127.0.0.1", port) for port in (1, 2, 3))
+    damper.observe(frozenset({a, b, c}))
+    damper.applied = damper.decide()
+    assert damper.applied == {a, b, c}  # the first set applies at once
+
+    damper.observe(frozenset({a, b}))
+    damper.applied = damper.decide()
+    assert damper.applied == {a, b}  # a failure leaves at once
+
+    damper.observe(frozenset({a, b, c}))
+    now[0] = 4.9
+    assert damper.decide() == {a, b}  # back, but not for hold_down yet
+    now[0] = 5.0
+    damper.applied = damper.decide()
+    assert damper.applied == {a, b, c}
+
+    damper.settle()  # the source just came back from an outage
+    damper.observe(frozenset({a}))
+    now[0] = 9.9
+    assert damper.decide() == {a, b, c} and damper.next_deadline() == 10.0  # partial view: held
+    now[0] = 10.0
+    assert damper.decide() == {a}
+
+    damper.observe(frozenset())
+    now[0] = 14.9
+    assert damper.decide() == damper.applied  # empty: held for hold_down
+    now[0] = 15.0
+    assert damper.decide() == frozenset()
