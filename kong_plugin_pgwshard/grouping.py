@@ -58,8 +58,8 @@ class GroupingKey:
             raise GroupingKeyError("job name is required")
         for name, value in labels.items():
             _check_label_name(name)
-            if not isinstance(value, str):
-                raise GroupingKeyError(f"label {name} has a value that is not text: {value!r}")
+            if not isinstance(value, str) or not _is_utf8(value):
+                raise GroupingKeyError(f"label {name} has a value that is not UTF-8 text: {value!r}")
         return cls(tuple(sorted(labels.items())))
 
     def path(self) -> str:
@@ -126,13 +126,14 @@ def _check_label_name(name: str) -> None:
 
 
 def _unescape(text: str) -> str:
+    if "%" not in text and text.isascii():
+        return text  # the common case, and nothing to decode
     bad = _BAD_ESCAPE.search(text)
     if bad:
         raise GroupingKeyError(f'invalid URL escape "{text[bad.start():bad.start() + 3]}"')
-    raw = unquote_to_bytes(text)
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
+    try:  # a host may hand over raw bytes decoded with surrogateescape: refuse those too
+        return unquote_to_bytes(text).decode("utf-8")
+    except UnicodeError:
         raise GroupingKeyError("path is not valid UTF-8 once %-escapes are decoded") from None
 
 
@@ -164,6 +165,14 @@ def _encode_segment(value: str, name: str) -> str:
         return f"{head}/{value}"
     encoded = base64.urlsafe_b64encode(value.encode("utf-8")).decode("ascii").rstrip("=") or "="
     return f"{head}{_BASE64_SUFFIX}/{encoded}"
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: they could not be hashed onto the ring
+        return False
+    return True
 
 
 def _escape_value(value: str) -> str:

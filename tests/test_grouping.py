@@ -8,12 +8,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from hypothesis import event, given, settings, strategies as st
+from hypothesis import event, example, given, settings, strategies as st
 from prometheus_client import CollectorRegistry, Gauge, delete_from_gateway, push_to_gateway, pushadd_to_gateway
 from prometheus_client.exposition import default_handler
 
 from kong_plugin_pgwshard.errors import GroupingKeyError
 from kong_plugin_pgwshard.grouping import GroupingKey, parse_push_path
+from kong_plugin_pgwshard.ring import Member, Ring
 from tests.support.processes import wait_until
 
 VECTORS = json.loads((Path(__file__).parent / "vectors/grouping.json").read_text())
@@ -163,14 +164,22 @@ def test_any_legal_spelling_parses_back_to_its_key(key, data):
     assert parse_push_path(key.path()) == key
 
 
-@settings(max_examples=500, deadline=None)
-@given(st.text(max_size=60) | st.builds(lambda s: "/metrics/job" + s, st.text(max_size=60)))
-def test_no_input_raises_anything_but_our_error(path):
-    try:
-        parse_push_path(path)
-    except GroupingKeyError:
-        pass
+any_text = st.text(st.characters(), max_size=60)  # lone surrogates included: hosts may pass them
 
+
+@settings(max_examples=500, deadline=None)
+@given(any_text | st.builds(lambda s: "/metrics/job" + s, any_text))
+@example("/metrics/job/a\udc80")
+def test_no_input_raises_anything_but_our_error(path):
+    """Arbitrary text: a GroupingKeyError or None, or a key that the ring can hash and that
+    survives the round trip through its canonical path."""
+    try:
+        key = parse_push_path(path)
+    except GroupingKeyError:
+        return
+    if key is not None:
+        assert Ring([Member("a", 1), Member("b", 2)]).owner(key)
+        assert parse_push_path(key.path()) == key == GroupingKey.from_labels(dict(key.labels))
 
 
 def test_a_real_pushgateway_stores_every_spelling_as_one_group(pushgateways):
