@@ -280,3 +280,26 @@ def test_damper_rules_on_a_clock():
     assert damper.decide() == damper.applied  # empty: held for hold_down
     now[0] = 15.0
     assert damper.decide() == frozenset()
+
+
+def test_a_failing_sink_is_counted_and_does_not_hold_back_the_others(pushgateways, kong_admin, tmp_path):
+    pgws = pushgateways(2)
+    kong = kong_admin()
+    kong.stop()  # Kong's Admin API is down for the whole test
+    sd = tmp_path / "sd.json"
+    settings = parse_settings({
+        "pushgateways": [p.address for p in pgws],
+        "health": {"probes": {"interval": 0.2, "timeout": 0.5, "rise": 1, "fall": 1}},
+        "kong": {"admin_url": kong.url},
+        "file_sd": {"path": str(sd)},
+        "rebalance": {"enabled": False},
+    }, "test")
+    daemon = Daemon(settings)
+    kong_sink = next(s.name for s in daemon.sinks if s.name.startswith("kong"))
+    with running(daemon):
+        wait_until(lambda: file_members(sd) == {p.address for p in pgws}, 10, what="file_sd written")
+        pgws[0].kill()
+        wait_until(lambda: file_members(sd) == {pgws[1].address}, 10, what="file_sd follows health")
+        wait_until(lambda: (daemon.registry.get_sample_value("pgwshard_sync_errors_total", {"sink": kong_sink})
+                            or 0) >= 2, 10, what="kong failures counted")
+        assert daemon.registry.get_sample_value("pgwshard_seconds_since_last_good_sync") == -1
