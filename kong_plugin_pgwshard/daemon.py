@@ -136,8 +136,10 @@ class Daemon:
             t.start()
         while not self.stop.is_set():
             self.step(timeout=self._wait_time())
+        # A reconciliation may finish its current operation; the watch may sit in a blocking
+        # Consul query for `consul.wait`, and holds nothing worth waiting for (daemon thread).
         for t in threads:
-            t.join(timeout=5)
+            t.join(timeout=1 if t.name == "pgwshard-watch" else 5)
 
     def run_once(self, timeout: float) -> bool:
         """One sync (`--once`): wait up to `timeout` for a set to apply, write it to every sink,
