@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import sys
+import threading
 from pathlib import Path
+
+import msgpack
 
 from tests.support.processes import REPO, ManagedProcess, PluginServer, free_port, http_get, temp_dir, wait_until
 
@@ -11,7 +16,7 @@ HOST_DIR = REPO / "kong" / "openresty"
 
 
 def render(prefix: str, listen: str, socket: str, plugin_config: dict, upstream: list[str],
-           workers: int = 2, read_timeout_ms: int = 5000) -> Path:
+           workers: int = 2, read_timeout_ms: int = 5000, keepalive_pool: int = 64) -> Path:
     """Write nginx.conf, the host config and the plugin config into prefix; returns nginx.conf."""
     base = Path(prefix)
     plugin_config_file = base / "plugin-config.json"
@@ -19,7 +24,8 @@ def render(prefix: str, listen: str, socket: str, plugin_config: dict, upstream:
     host_config = base / "host.json"
     host_config.write_text(json.dumps({
         "socket": socket, "plugin": "pgwshard", "plugin_config_file": str(plugin_config_file),
-        "upstream": upstream, "read_timeout_ms": read_timeout_ms, "config_check_interval": 0.5}))
+        "upstream": upstream, "read_timeout_ms": read_timeout_ms, "keepalive_pool": keepalive_pool,
+        "config_check_interval": 0.5}))
     conf = base / "nginx.conf"
     values = {"user": "root" if os.geteuid() == 0 else os.environ.get("USER", "nobody"), "workers": workers,
               "prefix": prefix, "lua_dir": HOST_DIR, "host_config": host_config, "listen": listen}
@@ -34,10 +40,11 @@ class NginxHost(ManagedProcess):
     """A real nginx with the Lua host, in front of a plugin server's socket."""
 
     def __init__(self, socket: str, plugin_config: dict, upstream: list[str], workers: int = 2,
-                 port: int | None = None):
+                 port: int | None = None, read_timeout_ms: int = 5000, keepalive_pool: int = 64):
         self.port = port or free_port()
         self.prefix = temp_dir("pgwshard-nginx-")
-        self.conf = render(self.prefix, f"127.0.0.1:{self.port}", socket, plugin_config, upstream, workers)
+        self.conf = render(self.prefix, f"127.0.0.1:{self.port}", socket, plugin_config, upstream, workers,
+                           read_timeout_ms, keepalive_pool)
         super().__init__("nginx-host", ["nginx", "-p", self.prefix, "-c", str(self.conf), "-g", "daemon off;"])
 
     @property
@@ -89,3 +96,123 @@ class PluginHostStack:
         if self.host:
             self.host.stop()
         self.server.stop()
+
+
+class ProbePluginServer(PluginServer):
+    """tests/support/pdk_probe_plugin.py as a dedicated plugin server named pgwshard (threads mode)."""
+
+    def __init__(self):
+        super().__init__("threads")
+        self.argv = [sys.executable, "-m", "tests.support.pdk_probe_plugin", "-p", self.prefix, "--no-lua-style"]
+
+
+class RPCRelay:
+    """A unix-socket relay between the host and a plugin server that watches the msgpack RPCs:
+    how many connections the host opened, how many RPCs they carried, and how many Steps went on
+    another connection than their event's HandleEvent.
+
+    close_after_calls: hang up on the host after each answer asking for a PDK call, as a plugin
+    server closing connections would, so that the Step must come on another connection."""
+
+    def __init__(self, target: str, close_after_calls: bool = False):
+        self.target = target
+        self.close_after_calls = close_after_calls
+        self.path = os.path.join(temp_dir("pgwshard-relay-"), "relay.sock")
+        self.connections = 0
+        self.rpcs = 0
+        self.steps = 0
+        self.steps_elsewhere = 0
+        self._event_connection: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+
+    def start(self) -> "RPCRelay":
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(self.path)
+        os.chmod(self.path, 0o777)  # nginx workers may run as another user
+        self._listener.listen(512)
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for s in [self._listener, *sockets]:
+            if s is not None:
+                s.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # stopped
+            server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                server.connect(self.target)
+            except OSError:
+                client.close()
+                server.close()
+                continue
+            with self._lock:
+                self.connections += 1
+                number = self.connections
+                self._sockets += [client, server]
+            closing = threading.Event()  # set before the answer that precedes a hang-up is sent
+            threading.Thread(target=self._pump, args=(client, server, number, True, closing), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, number, False, closing), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, number: int, requests: bool,
+              closing: threading.Event) -> None:
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                for s in (src, dst):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                return
+            if requests and closing.is_set():
+                return  # sent after the hang-up: lost, as on a closed connection
+            unpacker.feed(data)
+            hang_up = False
+            for message in unpacker:
+                self._record(message, number, requests)
+                hang_up |= not requests and self.close_after_calls and _asks_for_a_call(message)
+            if hang_up:
+                closing.set()
+            try:
+                dst.sendall(data)
+            except OSError:
+                return
+            if hang_up:
+                for s in (src, dst):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                return
+
+    def _record(self, message: list, number: int, request: bool) -> None:
+        with self._lock:
+            if request:
+                self.rpcs += 1
+                if message[2] in ("plugin.Step", "plugin.StepError"):
+                    self.steps += 1
+                    event = message[3][0].get("EventId")
+                    if self._event_connection.get(event, number) != number:
+                        self.steps_elsewhere += 1
+            elif isinstance(message[3], dict) and "EventId" in message[3]:
+                # the first answer naming an event is its HandleEvent's
+                self._event_connection.setdefault(message[3]["EventId"], number)
+
+
+def _asks_for_a_call(answer: list) -> bool:
+    result = answer[3]
+    return isinstance(result, dict) and isinstance(result.get("Data"), dict) and "Method" in result["Data"]

@@ -1,0 +1,43 @@
+"""A test-only kong-pdk plugin that exercises the OpenResty host's side of the PDK.
+
+Run as a dedicated plugin server named "pgwshard" (so it listens on <prefix>/pgwshard.sock):
+  python -m tests.support.pdk_probe_plugin -p <prefix> --no-lua-style
+Each /probe/<case> path makes the PDK calls a test wants to see answered as Kong would.
+"""
+from __future__ import annotations
+
+import time
+
+from kong_pdk.cli import start_dedicated_server
+
+
+class Plugin:
+    """Answers /probe/* itself; anything else is left to the host's upstream."""
+
+    def __init__(self, config: dict):
+        self.config = config
+
+    def access(self, kong) -> None:
+        path = kong.request.get_raw_path()
+        if path == "/probe/unknown":
+            try:
+                kong.nope.nothing()  # no such PDK method: the host must answer a StepError
+            except Exception as err:  # kong-pdk raises the StepError's text as PDKException
+                kong.response.exit(500, {"step_error": str(err)})
+        elif path == "/probe/nil":
+            absent = kong.request.get_header("x-absent")  # nil in Lua: a Step without Data
+            kong.response.exit(200, {"absent_is_none": absent is None,
+                                     "method": kong.request.get_method(),
+                                     "query": kong.request.get_query(),
+                                     "header": kong.request.get_header("x-probe")})
+        elif path == "/probe/log":
+            kong.log.notice("probe-marker", self.config.get("tag", "none"))
+            kong.response.exit(201, {"logged": True}, {"X-Probe": "yes"})
+        elif path == "/probe/text":
+            kong.response.exit(418, "plain text body")
+        elif path == "/probe/hang":
+            time.sleep(30)  # a plugin stuck past the host's read timeout
+
+
+if __name__ == "__main__":
+    start_dedicated_server("pgwshard", Plugin, "0.0.1", 0, [])
