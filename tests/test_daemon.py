@@ -16,7 +16,8 @@ import pytest
 
 from kong_plugin_pgwshard.config import parse_settings
 from kong_plugin_pgwshard.daemon import Daemon, Damper
-from kong_plugin_pgwshard.ring import Member
+from kong_plugin_pgwshard.grouping import GroupingKey
+from kong_plugin_pgwshard.ring import Member, Ring
 from tests.support.processes import Consul, Pushgateway, free_port, http_get, wait_until
 
 CONSUL_TOKEN = "consul-token-never-logged"
@@ -303,3 +304,36 @@ def test_a_failing_sink_is_counted_and_does_not_hold_back_the_others(pushgateway
         wait_until(lambda: (daemon.registry.get_sample_value("pgwshard_sync_errors_total", {"sink": kong_sink})
                             or 0) >= 2, 10, what="kong failures counted")
         assert daemon.registry.get_sample_value("pgwshard_seconds_since_last_good_sync") == -1
+
+
+def test_an_applied_change_triggers_a_reconciliation_that_drains_the_leaver(pushgateways, restart, tmp_path):
+    pgws = pushgateways(2)
+    sd = tmp_path / "sd.json"
+    settings = parse_settings({
+        "pushgateways": [p.address for p in pgws],
+        "health": {"probes": {"interval": 0.2, "timeout": 0.5, "rise": 1, "fall": 1}},
+        "membership": {"hold_down": 0.5},
+        "file_sd": {"path": str(sd)},
+        "rebalance": {"enabled": True, "interval": "60s", "max_ops_per_second": 200},
+    }, "test")
+    keys = [GroupingKey.from_labels({"job": "batch", "instance": f"i{n}"}) for n in range(8)]
+    with running(Daemon(settings)) as daemon:
+        wait_until(lambda: file_members(sd) == {p.address for p in pgws}, 10, what="both members")
+        pgws[1].kill()
+        wait_until(lambda: file_members(sd) == {pgws[0].address}, 10, what="one member left")
+        for key in keys:  # pushed while only pgws[0] owns everything
+            req = urllib.request.Request(pgws[0].url + key.path(), data=b"batch_done 1\n", method="PUT")
+            urllib.request.urlopen(req, timeout=5).close()
+        pgws[1] = restart(pgws[1])
+        wait_until(lambda: file_members(sd) == {p.address for p in pgws}, 10, what="it rejoins")
+        ring = Ring(Member.parse(p.address) for p in pgws)
+        theirs = {str(k) for k in keys if ring.owner(k).name == pgws[1].address}
+        assert theirs  # eight keys over two owners: both own some
+
+        def held_by(pgw) -> set[str]:
+            return {str(GroupingKey.from_labels(g["labels"])) for g in pgw.groups()}
+
+        # the rejoin alone triggers the pass (the periodic one is 60 s away)
+        wait_until(lambda: held_by(pgws[1]) == theirs and not held_by(pgws[0]) & theirs, 15,
+                   what="groups moved to their new owner")
+        assert daemon.registry.get_sample_value("pgwshard_rebalance_groups_moved_total") == len(theirs)
