@@ -188,7 +188,7 @@ def test_exit_sends_a_table_as_json_with_headers_and_log_reaches_the_error_log(p
         assert resp.headers["Content-Type"].startswith("application/json")
         assert resp.headers["X-Probe"] == "yes"
         assert json.loads(resp.read()) == {"logged": True}
-    wait_until(lambda: "probe-marker t-42" in probe.error_log(), 5, what="kong.log line in nginx's error log")
+    wait_until(lambda: "probe-marker t-42 7" in probe.error_log(), 5, what="kong.log line in the error log")
     assert call(probe.url + "/probe/text", "GET") == (418, b"plain text body")
 
 

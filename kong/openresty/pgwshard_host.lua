@@ -142,10 +142,14 @@ local function exit(status, body, headers)
   return ngx.exit(status)
 end
 
-for _, level in ipairs({ "err", "warn", "notice", "info", "debug", "crit", "alert" }) do
+-- Like Kong's kong.log.*: every argument through tostring, joined without a separator (as
+-- ngx.log does), so a plugin logging a number or a boolean gets a line, not a StepError.
+for _, level in ipairs({ "err", "warn", "notice", "info", "debug", "crit", "alert", "emerg" }) do
   local ngx_level = ngx[level == "err" and "ERR" or level:upper()]
   pdk["kong.log." .. level] = function(...)
-    ngx.log(ngx_level, "[pgwshard] ", table.concat({ ... }, " "))
+    local parts = {}
+    for i = 1, select("#", ...) do parts[i] = tostring((select(i, ...))) end
+    ngx.log(ngx_level, "[pgwshard] ", table.concat(parts))
   end
 end
 

@@ -31,7 +31,7 @@ class Plugin:
                                      "query": kong.request.get_query(),
                                      "header": kong.request.get_header("x-probe")})
         elif path == "/probe/log":
-            kong.log.notice("probe-marker", self.config.get("tag", "none"))
+            kong.log.notice("probe-marker ", self.config.get("tag", "none"), " ", 7)  # a number too
             kong.response.exit(201, {"logged": True}, {"X-Probe": "yes"})
         elif path == "/probe/text":
             kong.response.exit(418, "plain text body")
