@@ -36,6 +36,10 @@ from .sinks import Sink, sinks_from_settings
 
 log = logging.getLogger("pgwshard.sync")
 SINK_RETRY_SECONDS = 2.0
+# Every sink is re-applied this often even without a change: a Kong node that restarted reloads
+# its declarative file (all targets), and a target edited by hand drifts. Equal sets cost no
+# writes (Admin API) or a 304 (DB-less /config).
+SINK_RESYNC_SECONDS = 30.0
 
 
 class Damper:
@@ -112,6 +116,8 @@ class Daemon:
         self._ring = Ring()
         self._had_good = False  # no write happens before the first good snapshot
         self._source_failing = False
+        self.resync_interval = SINK_RESYNC_SECONDS
+        self._next_resync = 0.0
 
     def _source(self) -> HealthSource:
         if self.settings.source == "consul":
@@ -232,6 +238,9 @@ class Daemon:
             self._ring = Ring(wanted)
             self._dirty = {s.name: wanted for s in self.sinks}
             self._rebalance_wanted.set()
+        if time.monotonic() >= self._next_resync:
+            self._dirty = {s.name: self.damper.applied for s in self.sinks}
+            self._next_resync = time.monotonic() + self.resync_interval
         for sink in self.sinks:
             if sink.name not in self._dirty:
                 continue

@@ -337,3 +337,27 @@ def test_an_applied_change_triggers_a_reconciliation_that_drains_the_leaver(push
         wait_until(lambda: held_by(pgws[1]) == theirs and not held_by(pgws[0]) & theirs, 15,
                    what="groups moved to their new owner")
         assert daemon.registry.get_sample_value("pgwshard_rebalance_groups_moved_total") == len(theirs)
+
+
+def test_drift_in_kong_is_repaired_without_a_membership_change(pushgateways, kong_admin, tmp_path):
+    """A Kong node that restarts reloads its declarative file with every target, and targets
+    can be edited by hand: the periodic resync puts the healthy set back."""
+    pgws = pushgateways(2)
+    kong = kong_admin()
+    settings = parse_settings({
+        "pushgateways": [p.address for p in pgws],
+        "health": {"probes": {"interval": 0.2, "timeout": 0.5}},
+        "kong": {"admin_url": kong.url},
+        "rebalance": {"enabled": False},
+    }, "test")
+    daemon = Daemon(settings)
+    daemon.resync_interval = 0.5
+    everyone = sorted(p.address for p in pgws)
+    with running(daemon):
+        wait_until(lambda: kong.target_names("pushgateways") == everyone, 10, what="targets written")
+        kong.targets["pushgateways"].append(kong._target("pushgateways", "10.9.9.9:9091", 100))  # stale target
+        kong.targets["pushgateways"] = [t for t in kong.targets["pushgateways"] if t["target"] != everyone[0]]
+        wait_until(lambda: kong.target_names("pushgateways") == everyone, 10, what="drift repaired")
+        writes = len(kong.writes)
+        time.sleep(1.5)  # resyncs of an equal set write nothing
+        assert len(kong.writes) == writes
