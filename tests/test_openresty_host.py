@@ -198,3 +198,23 @@ def test_a_hung_plugin_is_503_and_other_requests_still_work(probe):
     assert call(probe.url + "/probe/nil", "GET")[0] == 200
     # a request the plugin leaves alone goes to the upstream
     assert call(probe.url + "/-/healthy", "GET")[0] == 200
+
+
+def test_a_restart_under_concurrent_requests_starts_one_instance_per_worker(stack):
+    pgws, server, host = stack
+    assert call(host.url + "/metrics/job/a")[0] == 200
+    server.stop()
+    revived = PluginServer("gevent")
+    revived.prefix = server.prefix  # the same socket path
+    revived.argv[revived.argv.index("-p") + 1] = server.prefix
+    revived.start()
+    try:
+        # every request of a burst meets "no plugin instance"; only one per worker may start one
+        with ThreadPoolExecutor(16) as pool:
+            statuses = list(pool.map(lambda i: call(host.url + f"/metrics/job/burst/i/{i}")[0], range(64)))
+        assert statuses == [200] * 64
+        from tests.support.kong_rpc import KongRPC
+        instances = KongRPC(revived.socket_path).call("plugin.GetStatus")["Plugins"]["pgwshard"]["Instances"]
+        assert 1 <= len(instances) <= 2, instances  # 2 workers: no orphan instances left behind
+    finally:
+        revived.stop()

@@ -21,6 +21,8 @@ local M = {}
 local settings      -- the host config (JSON file), see kong/openresty/README.md
 local config_text   -- the plugin config as last read, to notice changes
 local instance_id   -- this worker's plugin instance
+local generation = 0  -- counts instance starts, to tell whether another request restarted it
+local starting = false
 local msgid = 0
 local rr = 0        -- round robin over `upstream` for requests the plugin leaves alone
 
@@ -86,7 +88,7 @@ end
 
 -- close_old: the config changed and the old instance is still there (after "no plugin
 -- instance" it is gone, and a restarted server may even reuse its id for the new one).
-local function start_instance(close_old)
+local function start_instance_now(close_old)
   local text, err = read_file(settings.plugin_config_file)
   if not text then
     return nil, "cannot read the plugin config: " .. err
@@ -96,12 +98,34 @@ local function start_instance(close_old)
     return nil, rpc_err
   end
   local old = instance_id
-  instance_id, config_text = res.Id, text
+  instance_id, config_text, generation = res.Id, text, generation + 1
   ngx.log(ngx.NOTICE, "pgwshard host: started instance ", instance_id, " of ", settings.plugin)
   if close_old and old and old ~= instance_id then
     rpc("plugin.CloseInstance", old)
   end
   return instance_id
+end
+
+-- One start at a time per worker, as Kong does: requests arriving meanwhile (a burst after a
+-- plugin server restart all meet "no plugin instance") wait for it instead of each starting an
+-- instance that nobody would ever close.
+local function start_instance(close_old)
+  if starting then
+    local waits = math.ceil((settings.connect_timeout_ms + settings.read_timeout_ms) / 10) + 1
+    for _ = 1, waits do
+      ngx.sleep(0.01)
+      if not starting then break end
+    end
+    if starting or not instance_id then
+      return nil, "the plugin instance is still starting"
+    end
+    return instance_id
+  end
+  starting = true
+  local ok, id, err = pcall(start_instance_now, close_old)
+  starting = false
+  if not ok then return nil, tostring(id) end
+  return id, err
 end
 
 -- The PDK calls the host answers, as Kong's PDK would in the access phase.
@@ -159,10 +183,13 @@ local function unavailable(reason)
 end
 
 local function handle_event()
+  local seen = generation
   local answer, err, transport = rpc("plugin.HandleEvent", { InstanceId = instance_id, EventName = "access" })
   if not answer and not transport and err:find("no plugin instance", 1, true) then
-    local _, start_err = start_instance()
-    if start_err then return nil, start_err, true end
+    if generation == seen then -- else another request of this worker already started it again
+      local _, start_err = start_instance()
+      if start_err then return nil, start_err, true end
+    end
     answer, err, transport = rpc("plugin.HandleEvent", { InstanceId = instance_id, EventName = "access" })
   end
   return answer, err, transport
