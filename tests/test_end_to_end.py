@@ -156,9 +156,9 @@ def test_killing_one_instance_moves_only_its_groups(world):
     victim.kill()
     wait_until(lambda: victim.address not in world.members(), 15, what="the dead instance leaves the membership")
     after = world.ring()
-    wait_until(lambda: all(call(world.host.url + p) == 200 for p in paths[:3]), 10, what="plugin follows")
+    # The plugin reads the file every 0.5 s; until then a push owned by the dead instance gets 502.
+    wait_until(lambda: all(call(world.host.url + p) == 200 for p in paths), 10, what="plugin follows")
     for path in paths:
-        assert call(world.host.url + path) == 200
         key = parse_push_path(path)
         if owners[path] != victim.address:
             assert world.holders(key) == [owners[path]], path  # untouched groups stay where they were
