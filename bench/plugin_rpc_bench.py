@@ -1,25 +1,49 @@
 #!/usr/bin/env python3
-"""The plugin server alone, driven over its socket as Kong drives it: requests per second and
-latency per request for a push (HandleEvent + 2 Steps), a read (HandleEvent + 1 Step) and a
-rejected push (HandleEvent + exit), in gevent and threads mode, with 1 and 4 concurrent clients
-(Kong's workers). Pick the kong.conf start mode from these figures.
+"""The plugin server alone, driven over its socket as Kong drives it: requests per second, and
+the server's own CPU per request, for a push (HandleEvent + 2 Steps), a read (HandleEvent + 1
+Step) and a rejected push (HandleEvent + exit), with 1 and 4 concurrent clients (Kong's workers).
+
+Servers: `pgwshard-plugin`, and for comparison the same plugin under kong-pdk's stock dedicated
+server in its gevent and threads modes. The clients are Python on the same box, so req/s is
+bounded by them too; the CPU per request is the server's cost.
 
 usage: python bench/plugin_rpc_bench.py [--requests 5000]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from tests.support.kong_rpc import KongRPC, Request, run_access  # noqa: E402
 from tests.support.processes import PluginServer  # noqa: E402
 
 CASES = {"push": "/metrics/job/x/instance/i1", "read": "/metrics", "rejected": "/metrics/job/x/odd"}
+STOCK = ("import sys; sys.path.insert(0, '.'); from kong_pdk.cli import start_dedicated_server; from kong_plugin_pgwshard import plugin; "
+         "start_dedicated_server('pgwshard', plugin.Plugin, plugin.version, plugin.priority, plugin.Schema)")
+
+
+class StockServer(PluginServer):
+    """The plugin under kong-pdk's own dedicated server."""
+
+    def __init__(self, flags: list[str]):
+        super().__init__()
+        script = Path(self.prefix) / "stock_server.py"  # kong-pdk stats its own script: not -c
+        script.write_text(STOCK + "\n")
+        self.argv = [sys.executable, str(script), "-p", self.prefix, "--no-lua-style", *flags]
+        self.cwd = str(REPO)
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def drive(socket_path: str, iid: int, path: str, n: int) -> None:
@@ -33,9 +57,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=5000)
     args = parser.parse_args()
-    print(f"{'mode':8} {'case':9} {'clients':>7} {'req/s':>8} {'µs/req':>8}")
-    for mode in ("gevent", "threads"):
-        server = PluginServer(mode).start()
+    servers = {"pgwshard-plugin": PluginServer, "kong-pdk gevent": lambda: StockServer(["-g"]),
+               "kong-pdk threads": lambda: StockServer([])}
+    print(f"{'server':17} {'case':9} {'clients':>7} {'req/s':>8} {'server CPU µs/req':>18}")
+    for label, make in servers.items():
+        server = make().start()
         try:
             iid = KongRPC(server.socket_path).start_instance("pgwshard", {"nodes": ["10.0.0.1:9091", "10.0.0.2:9091"]})
             for case, path in CASES.items():
@@ -43,14 +69,15 @@ def main() -> None:
                     n = args.requests // clients
                     threads = [threading.Thread(target=drive, args=(server.socket_path, iid, path, n))
                                for _ in range(clients)]
-                    start = time.perf_counter()
+                    cpu_before, start = cpu_seconds(server.proc.pid), time.perf_counter()
                     for t in threads:
                         t.start()
                     for t in threads:
                         t.join()
-                    elapsed = time.perf_counter() - start
+                    elapsed, cpu = time.perf_counter() - start, cpu_seconds(server.proc.pid) - cpu_before
                     total = n * clients
-                    print(f"{mode:8} {case:9} {clients:>7} {total / elapsed:>8.0f} {elapsed / total * 1e6 * clients:>8.0f}")
+                    print(f"{label:17} {case:9} {clients:>7} {total / elapsed:>8.0f} {cpu / total * 1e6:>18.0f}",
+                          flush=True)
         finally:
             server.stop()
 

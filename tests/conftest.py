@@ -38,13 +38,13 @@ def consul():
 
 @pytest.fixture
 def plugin_server_factory():
-    """Factory: plugin_server_factory(mode) starts the real pgwshard-plugin; stopped afterwards."""
+    """Factory: plugin_server_factory() starts the real pgwshard-plugin; stopped afterwards."""
     from tests.support.processes import PluginServer
 
     started = []
 
-    def start(mode: str = "gevent") -> PluginServer:
-        server = PluginServer(mode)
+    def start() -> PluginServer:
+        server = PluginServer()
         started.append(server)
         return server.start()
 

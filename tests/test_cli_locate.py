@@ -23,7 +23,7 @@ def test_locate_and_the_plugin_agree(plugin_server_factory):
     assert result.returncode == 1  # some vectors are bad paths
     lines = dict(line.split("\t", 1) for line in result.stdout.splitlines())
 
-    server = plugin_server_factory("gevent")
+    server = plugin_server_factory()
     rpc = KongRPC(server.socket_path)
     iid = rpc.start_instance("pgwshard", {"nodes": NODES})
     for path in PATHS:

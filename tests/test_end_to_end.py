@@ -56,7 +56,7 @@ class World:
         self.daemon = ManagedProcess("pgwshard-sync", [sys.executable, "-m", "kong_plugin_pgwshard.daemon",
                                                         "--config", config]).start()
         wait_until(lambda: len(self.members()) == 4, 30, what="all four healthy in Consul and in the file")
-        self.server = PluginServer("gevent").start()
+        self.server = PluginServer().start()
         self.host = NginxHost(self.server.socket_path, {"membership": "file", "membership_file": self.members_file,
                                                         "refresh_interval": 0.5},
                               [p.address for p in self.pgws]).start()

@@ -23,7 +23,7 @@ def targets_of(rpc, iid, n=40) -> set:
 def test_plugin_follows_the_kong_upstream_and_keeps_the_last_good_set(plugin_server_factory, kong_admin):
     kong = kong_admin()
     kong.add_upstream("pushgateways", [A])
-    server = plugin_server_factory("gevent")
+    server = plugin_server_factory()
     rpc = KongRPC(server.socket_path)
     iid = rpc.start_instance("pgwshard", {"membership": "upstream", "upstream": "pushgateways",
                                           "admin_url": kong.url, "refresh_interval": 0.2})
@@ -41,7 +41,7 @@ def test_plugin_follows_the_kong_upstream_and_keeps_the_last_good_set(plugin_ser
 def test_an_empty_target_list_read_successfully_empties_the_ring(plugin_server_factory, tmp_path):
     sd = tmp_path / "members.json"
     sd.write_text(json.dumps([{"targets": [A]}]))
-    server = plugin_server_factory("gevent")
+    server = plugin_server_factory()
     rpc = KongRPC(server.socket_path)
     iid = rpc.start_instance("pgwshard", {"membership": "file", "membership_file": str(sd), "refresh_interval": 0.2})
     assert run_access(rpc, iid, Request("/metrics/job/x")).target == ("127.0.0.1", 9401)
@@ -123,7 +123,7 @@ def test_plugin_sends_the_admin_token_from_its_environment_and_never_logs_it(kon
 
     kong = kong_admin(token="plug1n-t0ken")
     kong.add_upstream("pushgateways", [A])
-    server = PluginServer("gevent")
+    server = PluginServer()
     server.env = {**os.environ, "KONG_ADMIN_TOKEN": "plug1n-t0ken"}
     request.addfinalizer(server.stop)
     server.start()

@@ -29,7 +29,7 @@ def call(url: str, method: str = "PUT", body: bytes | None = BODY, timeout: floa
 @pytest.fixture
 def stack(pushgateways):
     pgws = pushgateways(3)
-    server = PluginServer("gevent").start()
+    server = PluginServer().start()
     nodes = [p.address for p in pgws]
     host = NginxHost(server.socket_path, {"membership": "static", "nodes": nodes}, nodes).start()
     yield pgws, server, host
@@ -82,7 +82,7 @@ def test_dead_plugin_server_is_503_with_a_body_and_recovery_restarts_the_instanc
     server.kill()
     status, body = call(host.url + "/metrics/job/a", timeout=5)  # a hang would raise here
     assert status == 503 and "plugin server is unavailable" in json.loads(body)["message"]
-    revived = PluginServer("gevent")
+    revived = PluginServer()
     revived.prefix = server.prefix  # the same socket path
     revived.argv[revived.argv.index("-p") + 1] = server.prefix
     revived.start()
@@ -97,7 +97,7 @@ def test_dead_plugin_server_is_503_with_a_body_and_recovery_restarts_the_instanc
 
 def test_500_requests_on_2_workers_reuse_connections_and_steps_move_between_them(pushgateways):
     pgws = pushgateways(3)
-    server = PluginServer("gevent").start()
+    server = PluginServer().start()
     relay = RPCRelay(server.socket_path).start()
     nodes = [p.address for p in pgws]
     host = NginxHost(relay.path, {"membership": "static", "nodes": nodes}, nodes, workers=2).start()
@@ -119,7 +119,7 @@ def test_500_requests_on_2_workers_reuse_connections_and_steps_move_between_them
 
 def test_a_step_on_another_connection_than_its_event_works(pushgateways):
     pgws = pushgateways(3)
-    server = PluginServer("gevent").start()
+    server = PluginServer().start()
     relay = RPCRelay(server.socket_path, close_after_calls=True).start()
     nodes = [p.address for p in pgws]
     host = NginxHost(relay.path, {"membership": "static", "nodes": nodes}, nodes, workers=1).start()
@@ -204,7 +204,7 @@ def test_a_restart_under_concurrent_requests_starts_one_instance_per_worker(stac
     pgws, server, host = stack
     assert call(host.url + "/metrics/job/a")[0] == 200
     server.stop()
-    revived = PluginServer("gevent")
+    revived = PluginServer()
     revived.prefix = server.prefix  # the same socket path
     revived.argv[revived.argv.index("-p") + 1] = server.prefix
     revived.start()

@@ -1,15 +1,22 @@
 """The real plugin server, driven over its unix socket exactly as Kong drives it."""
 from __future__ import annotations
 
+import io
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
 
+import msgpack
 import pytest
+from kong_pdk.exception import PluginServerException
 
 from kong_plugin_pgwshard.grouping import parse_push_path
 from kong_plugin_pgwshard.ring import Member, Ring
 from tests.support.kong_rpc import KongRPC, Request, RPCError, run_access
+from tests.support.processes import REPO, wait_until
 
 NODES = ["127.0.0.1:9101", "127.0.0.1:9102", "127.0.0.1:9103"]
 RING = Ring(Member.parse(n) for n in NODES)
@@ -18,9 +25,9 @@ KONG_EXTRAS = {"route_id": "7f3c0d1e-0000-4000-8000-000000000001", "service_id":
                "__seq__": 3, "__plugin_id": "b1a0", "__key__": "plugins:pgwshard:...", "protocols": ["http"]}
 
 
-@pytest.fixture(params=["gevent", "threads"])
-def server(request, plugin_server_factory):
-    return plugin_server_factory(request.param)
+@pytest.fixture
+def server(plugin_server_factory):
+    return plugin_server_factory()
 
 
 @pytest.fixture
@@ -142,3 +149,67 @@ def test_instances_restart_after_a_config_change(rpc):
 def _owner(path):
     owner = RING.owner(parse_push_path(path))
     return owner.host, owner.port
+
+
+def test_malformed_and_unknown_rpcs_get_errors_and_the_server_goes_on(rpc, server):
+    with pytest.raises(RPCError, match="not supported"):
+        rpc.call("plugin.NoSuchThing")
+    with pytest.raises(RPCError, match="not supported"):
+        rpc.call("other.HandleEvent", {})
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:  # not even msgpack RPC
+        raw.settimeout(5)
+        raw.connect(server.socket_path)
+        raw.sendall(msgpack.packb([0, 1, ["not", "a", "name"], "no list"]))
+        kind, msgid, error, result = msgpack.Unpacker(io.BytesIO(raw.recv(4096))).unpack()
+        assert (kind, msgid, result) == (1, 1, None) and "malformed RPC" in error
+        raw.sendall(b"\xc1garbage")  # never valid msgpack: the server drops this connection only
+        assert raw.recv(4096) == b""
+    iid = start(rpc)
+    assert run_access(rpc, iid, Request("/metrics/job/x")).target == _owner("/metrics/job/x")
+
+
+def test_a_raising_plugin_gets_kong_an_error_not_a_hang():
+    from kong_pdk.module import Module
+
+    from kong_plugin_pgwshard.server import PgwshardPluginServer
+
+    class Raises:
+        def __init__(self, config):
+            pass
+
+        def access(self, kong):
+            kong.request.get_raw_path()
+            raise RuntimeError("boom")
+
+    ours = PgwshardPluginServer()
+    ours.plugins["p"] = Module("p", module=type("m", (), {"Plugin": Raises}))
+    iid = ours.start_instance({"Name": "p", "Config": "{}"})["Id"]
+    event = ours.handle_event({"InstanceId": iid, "EventName": "access"})
+    assert event["Data"]["Method"] == "kong.request.get_raw_path"
+    with pytest.raises(PluginServerException, match="boom"):
+        ours.step({"EventId": event["EventId"], "Data": "/x"})
+    assert ours.events == {}
+
+
+def test_the_server_exits_when_kong_is_gone(tmp_path):
+    # A parent that starts the server and exits at once: init adopts the server, as when Kong dies.
+    log = tmp_path / "server.log"
+    launcher = ("import subprocess, sys; p = subprocess.Popen([sys.executable, '-m', 'kong_plugin_pgwshard.server', "
+                f"'-p', {str(tmp_path)!r}], start_new_session=True, stdin=subprocess.DEVNULL, "
+                f"stdout=open({str(log)!r}, 'w'), stderr=subprocess.STDOUT); print(p.pid)")
+    pid = int(subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, timeout=30,
+                             check=True, cwd=REPO).stdout)
+    try:
+        wait_until(lambda: not os.path.exists(f"/proc/{pid}") or _is_zombie(pid), 20, what="the orphaned server to exit")
+        assert "server started" in log.read_text() and "Kong exits" in log.read_text()
+    finally:
+        if os.path.exists(f"/proc/{pid}") and not _is_zombie(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _is_zombie(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True

@@ -58,7 +58,7 @@ def main() -> None:
         parts.append(daemon.start())
         wait_until(lambda: members_file.exists() and len(json.loads(members_file.read_text())[0]["targets"]) == 3,
                    20, what="pgwshard-sync to write the membership")
-        server = PluginServer("gevent")
+        server = PluginServer()
         parts.append(server.start())
         host = NginxHost(server.socket_path, {"membership": "file", "membership_file": str(members_file),
                                               "refresh_interval": 1}, [p.address for p in pgws],

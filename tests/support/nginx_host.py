@@ -76,8 +76,8 @@ class PluginHostStack:
     """The plugin server and the nginx host over the given pushgateways (static membership).
     Has `url`, `start()`, `stop()` like a single process, for benchmarks."""
 
-    def __init__(self, backends: list[str], mode: str = "gevent", workers: int = 2):
-        self.server = PluginServer(mode)
+    def __init__(self, backends: list[str], workers: int = 2):
+        self.server = PluginServer()
         self.backends = backends
         self.workers = workers
         self.host: NginxHost | None = None
@@ -99,10 +99,11 @@ class PluginHostStack:
 
 
 class ProbePluginServer(PluginServer):
-    """tests/support/pdk_probe_plugin.py as a dedicated plugin server named pgwshard (threads mode)."""
+    """tests/support/pdk_probe_plugin.py under kong-pdk's stock dedicated server (threads mode),
+    named pgwshard: the host meets kong-pdk's own server too."""
 
     def __init__(self):
-        super().__init__("threads")
+        super().__init__()
         self.argv = [sys.executable, "-m", "tests.support.pdk_probe_plugin", "-p", self.prefix, "--no-lua-style"]
 
 

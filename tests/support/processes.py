@@ -213,17 +213,16 @@ class Consul(ManagedProcess):
 
 
 class PluginServer(ManagedProcess):
-    """The real `pgwshard-plugin` (kong-pdk's server), listening on <prefix>/pgwshard.sock.
+    """The real `pgwshard-plugin`, listening on <prefix>/pgwshard.sock.
 
     Its watchdog exits when its parent is PID 1, so it is started by the test process itself.
     """
 
-    def __init__(self, mode: str = "gevent", extra_args: list[str] | None = None):
+    def __init__(self, extra_args: list[str] | None = None):
         import sys
         self.prefix = temp_dir("pgwshard-prefix-")
-        flags = {"gevent": ["-g"], "threads": [], "processes": ["-m"]}[mode]
-        super().__init__(f"plugin-server-{mode}", [
-            sys.executable, "-m", "kong_plugin_pgwshard.server", "-p", self.prefix, *flags, *(extra_args or []),
+        super().__init__("plugin-server", [
+            sys.executable, "-m", "kong_plugin_pgwshard.server", "-p", self.prefix, *(extra_args or []),
         ], cwd=str(REPO))
 
     @property
