@@ -13,7 +13,7 @@ pay more than linearly).
 Groups are preloaded with the consistency check off (fast), then the same pushgateways restart
 on their persistence files with the check on, as in production.
 
-usage: python bench/compare.py [--groups 100,2000,4000,10000] [--shards 1,2,4] [--seconds 10]
+usage: python bench/compare.py [--groups 100,2000,4000,10000] [--shards 1,2,4] [--seconds 10] [--repeat 3]
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import concurrent.futures
 import http.client
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -154,24 +155,34 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--modes", default="direct,native,plugin")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="trials per case, interleaved across modes; the figures are their medians")
     args = parser.parse_args()
     for tool in ("wrk", "nginx", "prometheus-pushgateway"):
         if not shutil.which(tool):
             sys.exit(f"{tool} not found: apt-get install wrk nginx-light libnginx-mod-http-lua prometheus-pushgateway")
     modes = args.modes.split(",")
-    rows = []
+    trials: dict[tuple[int, str, int], list[dict]] = {}
     print(f"{'groups':>6} {'mode':>7} {'N':>2} {'pushes/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'preload s':>9}")
     for groups in map(int, args.groups.split(",")):
-        for mode in modes:
-            for shards in ([1] if mode == "direct" else map(int, args.shards.split(","))):
-                r = run_case(mode, groups, shards, args.seconds, args.connections)
-                rows.append((groups, mode, shards, r))
-                print(f"{groups:>6} {mode:>7} {shards:>2} {r['rps']:>9.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
-                      f"{r['errors']:>6} {r['preload_s']:>9.1f}", flush=True)
+        # Interleaved, so that a slow spell of a shared machine does not land on one mode only.
+        for _ in range(args.repeat):
+            for mode in modes:
+                for shards in ([1] if mode == "direct" else map(int, args.shards.split(","))):
+                    r = run_case(mode, groups, shards, args.seconds, args.connections)
+                    trials.setdefault((groups, mode, shards), []).append(r)
+                    print(f"{groups:>6} {mode:>7} {shards:>2} {r['rps']:>9.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
+                          f"{r['errors']:>6} {r['preload_s']:>9.1f}", flush=True)
+    print(f"\nmedians of {args.repeat} trials (pushes/s, with the lowest and highest)")
+    by = {}
+    for (groups, mode, shards), runs in trials.items():
+        rates = sorted(r["rps"] for r in runs)
+        by[groups, mode, shards] = statistics.median(rates)
+        print(f"  G={groups:<6} {mode:>7} N={shards}: {by[groups, mode, shards]:>7.0f}   ({rates[0]:.0f}-{rates[-1]:.0f}), "
+              f"p99 {statistics.median(r['p99_ms'] for r in runs):.1f} ms")
     print("\nratios")
-    by = {(g, m, n): r["rps"] for g, m, n, r in rows}
-    for groups in sorted({g for g, *_ in rows}):
-        for shards in sorted({n for _, _, n, _ in rows}):
+    for groups in sorted({g for g, *_ in by}):
+        for shards in sorted({n for _, _, n in by}):
             if (groups, "plugin", shards) in by and (groups, "native", shards) in by:
                 print(f"  G={groups:<6} N={shards}: plugin/native = {by[groups, 'plugin', shards] / by[groups, 'native', shards]:.2f}"
                       "   (goal >= 0.8 while pushgateways are not the bottleneck)")
