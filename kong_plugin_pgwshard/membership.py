@@ -124,23 +124,49 @@ class FileMembership(PolledMembership):
         super().__init__(f"file {path}", lambda: read_file_sd(path), interval)
 
 
-_shared: dict[tuple, PolledMembership] = {}
-_shared_lock = threading.Lock()
+class _SharedSources:
+    """Polled sources shared by the instances naming the same one. Each instance acquires its
+    source and releases it when Kong closes the instance; the last release stops the poller, so
+    config changes (a rotated token, a new interval) do not leave pollers behind."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sources: dict[tuple, tuple[PolledMembership, int]] = {}
+
+    def acquire(self, key: tuple, start: Callable[[], PolledMembership]) -> PolledMembership:
+        with self._lock:
+            source, users = self._sources.get(key) or (start(), 0)
+            self._sources[key] = (source, users + 1)
+            return source
+
+    def release(self, source: Membership) -> None:
+        with self._lock:
+            for key, (shared, users) in self._sources.items():
+                if shared is source:
+                    if users > 1:
+                        self._sources[key] = (shared, users - 1)
+                    else:
+                        del self._sources[key]
+                        shared.close()
+                    return
+
+
+_shared = _SharedSources()
 
 
 def membership_for(config: PluginConfig) -> Membership:
-    """The membership source a plugin config names, shared with instances naming the same one."""
+    """The membership source a plugin config names, shared with instances naming the same one.
+    Give it back with `release` when the instance closes."""
     if config.membership == "static":
         return StaticMembership(config.nodes)
     if config.membership == "file":
-        key: tuple = ("file", config.membership_file, config.refresh_interval)
-        start: Callable[[], PolledMembership] = lambda: FileMembership(  # noqa: E731
-            config.membership_file, config.refresh_interval)
-    else:
-        key = ("upstream", config.admin_url, config.upstream, config.admin_token, config.refresh_interval)
-        start = lambda: UpstreamMembership(  # noqa: E731
-            config.admin_url, config.upstream, config.admin_token, config.refresh_interval)
-    with _shared_lock:
-        if key not in _shared:
-            _shared[key] = start()
-        return _shared[key]
+        return _shared.acquire(("file", config.membership_file, config.refresh_interval),
+                               lambda: FileMembership(config.membership_file, config.refresh_interval))
+    return _shared.acquire(
+        ("upstream", config.admin_url, config.upstream, config.admin_token, config.refresh_interval),
+        lambda: UpstreamMembership(config.admin_url, config.upstream, config.admin_token, config.refresh_interval))
+
+
+def release(membership: Membership) -> None:
+    """An instance is done with its source; static ones need nothing."""
+    _shared.release(membership)

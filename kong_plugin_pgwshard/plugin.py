@@ -13,7 +13,7 @@ from typing import Any
 from . import __version__
 from .errors import GroupingKeyError, NoMembersError
 from .grouping import parse_push_path
-from .membership import membership_for
+from .membership import membership_for, release
 from .plugin_config import SCHEMA, PluginConfig
 
 Schema = SCHEMA
@@ -29,6 +29,10 @@ class Plugin:
     def __init__(self, config: dict[str, Any]):
         self.config = PluginConfig.from_kong(config)  # ConfigError names the field
         self.membership = membership_for(self.config)
+
+    def close(self) -> None:
+        """Kong closed this instance (pgwshard-plugin calls this; kong-pdk's own server does not)."""
+        release(self.membership)
 
     def access(self, kong: Any) -> None:
         # An exception escaping here would leave Kong waiting on its socket until it times out.
