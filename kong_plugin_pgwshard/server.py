@@ -30,6 +30,7 @@ import re
 import select
 import socket
 import sys
+import time
 import traceback
 from typing import Any
 
@@ -46,6 +47,9 @@ from . import plugin
 NAME = "pgwshard"
 RET = "ret"  # the answer that ends an event
 WATCHDOG_SECONDS = 1.0
+# A phase waits for Kong's answer to a PDK call for milliseconds; Kong itself gives up on a
+# plugin server after its socket timeout (60 s by default).
+EVENT_TTL_SECONDS = 600.0
 SEND_TIMEOUT_SECONDS = 5.0
 
 
@@ -83,9 +87,29 @@ class PgwshardPluginServer(PluginServer):
         phase = greenlet(_run_phase)
         return self._advance(eid, phase, getattr(instance.cls, event["EventName"]), self.lua_style)
 
+    def expire_events(self, now: float) -> None:
+        """Forget events Kong stopped stepping (a worker killed mid-request), so they cannot pile
+        up. Events are kept in the order of their last answer: the stale ones come first."""
+        for eid, (_, answered) in list(self.events.items()):
+            if now - answered < EVENT_TTL_SECONDS:
+                return
+            del self.events[eid]
+            self.logger.warn(f"event #{eid}: no Step from Kong for {EVENT_TTL_SECONDS:.0f} s, dropped")
+
+    def close_instance(self, iid: int) -> dict:
+        instance = self.instances.get(iid)
+        answer = super().close_instance(iid)  # "no plugin instance" when there is none
+        close = getattr(instance.cls, "close", None)
+        if callable(close):  # the plugin lets go of what it holds (pgwshard: its membership poller)
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - the instance is gone either way
+                self.logger.error(f"closing instance #{iid}: {traceback.format_exc()}")
+        return answer
+
     def _step(self, data: dict, is_error: bool) -> dict:
         eid = data["EventId"]
-        phase = self.events.pop(eid, None)
+        phase, _ = self.events.pop(eid, (None, 0.0))
         if phase is None:
             raise PluginServerException(f"event id {eid} not found")
         result = data.get("Data")  # absent when the PDK call returned nil
@@ -102,7 +126,7 @@ class PgwshardPluginServer(PluginServer):
             if data.get("Method") in terminal_methods:
                 self._finish_after_exit(eid, phase)
             else:
-                self.events[eid] = phase
+                self.events[eid] = (phase, time.monotonic())  # waiting for Kong's Step
         return {"Data": data, "EventId": eid}
 
     def _finish_after_exit(self, eid: int, phase: greenlet) -> None:
@@ -128,7 +152,7 @@ def _method_name(rpc_method: str) -> str | None:
 class RPCServer:
     """One thread, one epoll loop, every connection Kong opens; a msgpack RPC in, its answer out."""
 
-    def __init__(self, server: PluginServer, path: str, listen_queue_size: int = 4096):
+    def __init__(self, server: PgwshardPluginServer, path: str, listen_queue_size: int = 4096):
         self.server = server
         self.path = path
         self.listen_queue_size = listen_queue_size
@@ -164,6 +188,7 @@ class RPCServer:
         poller.register(listener.fileno(), select.EPOLLIN)
         connections: dict[int, tuple[socket.socket, msgpack.Unpacker]] = {}
         self.server.logger.info(f"server started at path {self.path}")
+        next_tick = time.monotonic() + WATCHDOG_SECONDS
         try:
             while True:
                 for fd, _ in poller.poll(WATCHDOG_SECONDS):
@@ -171,9 +196,14 @@ class RPCServer:
                         self._accept(listener, poller, connections)
                     else:
                         self._serve(fd, poller, connections)
+                now = time.monotonic()
+                if now < next_tick:
+                    continue
+                next_tick = now + WATCHDOG_SECONDS
                 if os.getppid() == 1:  # Kong is gone and init adopted us
                     self.server.logger.info("Kong exits, terminating...")
                     return
+                self.server.expire_events(now)
         finally:
             for conn, _ in connections.values():
                 conn.close()

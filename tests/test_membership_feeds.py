@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 
 from kong_plugin_pgwshard.config import FileSdSettings
-from kong_plugin_pgwshard.membership import FileMembership, UpstreamMembership, membership_for, read_file_sd
+from kong_plugin_pgwshard.membership import FileMembership, UpstreamMembership, membership_for, read_file_sd, release
 from kong_plugin_pgwshard.plugin_config import PluginConfig
 from kong_plugin_pgwshard.ring import Member
 from kong_plugin_pgwshard.sinks import FileSdSink
@@ -105,9 +106,39 @@ def test_instances_naming_the_same_source_share_one_poller(tmp_path):
         other.write_text("[]")
         second = membership_for(PluginConfig(membership="file", membership_file=str(other), refresh_interval=0.1))
         assert second is not first and len(second.ring()) == 0
-        second.close()
+        release(second)
+        release(first)  # one of the two instances sharing the first source
+        assert pollers[0].is_alive()
     finally:
-        first.close()
+        release(first)
+    pollers[0].join(5)
+    assert not pollers[0].is_alive()  # the last user closed it
+
+
+def test_closing_instances_stops_their_pollers_and_a_new_instance_reads_afresh(plugin_server_factory, tmp_path):
+    server = plugin_server_factory()
+    rpc = KongRPC(server.socket_path)
+    sd = tmp_path / "members.json"
+    sd.write_text(json.dumps([{"targets": [A]}]))
+    config = {"membership": "file", "membership_file": str(sd), "refresh_interval": 60}
+    threads_before = _threads(server)
+    first = rpc.start_instance("pgwshard", config)
+    second = rpc.start_instance("pgwshard", config)  # shares the first one's poller
+    assert _threads(server) == threads_before + 1
+    assert targets_of(rpc, second, 1) == {("127.0.0.1", 9401)}
+
+    rpc.call("plugin.CloseInstance", first)
+    rpc.call("plugin.CloseInstance", second)
+    wait_until(lambda: _threads(server) == threads_before, 5, what="the poller to stop")
+
+    sd.write_text(json.dumps([{"targets": [B]}]))  # long before the old poller's next read
+    third = rpc.start_instance("pgwshard", config)
+    assert targets_of(rpc, third, 1) == {("127.0.0.1", 9402)}
+    rpc.close()
+
+
+def _threads(server) -> int:
+    return len(os.listdir(f"/proc/{server.proc.pid}/task"))
 
 
 def test_read_file_sd_takes_every_group(tmp_path):

@@ -213,3 +213,23 @@ def _is_zombie(pid):
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+def test_events_kong_stopped_stepping_are_dropped_after_their_ttl():
+    import time
+
+    from kong_plugin_pgwshard.server import EVENT_TTL_SECONDS, build_server
+
+    ours = build_server()
+    iid = ours.start_instance({"Name": "pgwshard", "Config": json.dumps({"nodes": NODES})})["Id"]
+    abandoned = ours.handle_event({"InstanceId": iid, "EventName": "access"})["EventId"]  # its worker died
+    live = ours.handle_event({"InstanceId": iid, "EventName": "access"})["EventId"]
+    later = time.monotonic() + EVENT_TTL_SECONDS - 1
+    ours.events[live] = (ours.events[live][0], later)  # answered recently
+
+    ours.expire_events(later + 2)
+
+    assert list(ours.events) == [live]
+    with pytest.raises(PluginServerException, match="not found"):
+        ours.step({"EventId": abandoned, "Data": "/metrics/job/x"})
+    assert ours.step({"EventId": live, "Data": "/metrics/job/x"})["Data"]["Method"] == "kong.service.set_target"
