@@ -5,8 +5,8 @@ kong-pdk's own parts: its `PluginServer` keeps the instances and answers plugin 
 its `Kong` object is the PDK the plugin calls. What it replaces is how events run, because every
 push costs three round trips (HandleEvent and two Steps) and kong-pdk's gevent and thread modes
 spend most of their CPU moving each one between greenlets or threads through the gevent hub:
-measured with bench/plugin_rpc_bench.py, about 360 µs of CPU per push in gevent mode against
-about 170 µs here. Here one thread serves every connection from an epoll loop and each event's
+measured with bench/plugin_rpc_bench.py, about 415 µs of CPU per push in gevent mode against
+130-230 µs here. Here one thread serves every connection from an epoll loop and each event's
 phase runs in a bare greenlet: a PDK call switches straight back to the loop, which sends the
 call to Kong as the RPC's answer, and the Step that carries its result switches into the
 phase again.
@@ -14,7 +14,9 @@ phase again.
 This also closes two leaks of kong-pdk 0.36 on `kong.response.exit`, which pgwshard uses for
 every rejected push: its server keeps an event forever when the first PDK call is terminal, and
 in gevent mode a greenlet per exit blocks forever on a channel nobody reads. Here a terminal
-call ends the event at once.
+call ends the event at once, and an event Kong stops stepping is dropped after
+EVENT_TTL_SECONDS. On CloseInstance the plugin's `close()`, if it has one, is called (kong-pdk
+never tells a plugin its instance closed): pgwshard stops the membership poller nobody uses.
 
 The loop never blocks on Kong: it reads only readable sockets, and answers are a few hundred
 bytes, far below a unix socket's buffer. A plugin phase must not block either (pgwshard's does
