@@ -119,6 +119,7 @@ class PgwshardPluginServer(PluginServer):
 
     def _advance(self, eid: int, phase: greenlet, *args) -> dict:
         """Run the phase up to its next PDK call (the answer to Kong) or its end."""
+        phase.parent = greenlet.getcurrent()  # its next PDK call comes back here, to this RPC
         try:
             data = phase.switch(*args)
         except Exception as err:  # an answer instead of leaving Kong waiting on its socket
@@ -159,7 +160,7 @@ class RPCServer:
         self.path = path
         self.listen_queue_size = listen_queue_size
         self._methods: dict[str, Any] = {}
-        self._pack = msgpack.Packer().pack
+        self._pack = msgpack.Packer(unicode_errors="surrogateescape").pack  # bytes go back as they came
 
     def _dispatch(self, msgid: int, method: str, args: list) -> bytes:
         if not isinstance(method, str) or not isinstance(args, list):
@@ -186,18 +187,19 @@ class RPCServer:
         listener.bind(self.path)
         listener.listen(self.listen_queue_size)
         listener.setblocking(False)
-        poller = select.epoll()
-        poller.register(listener.fileno(), select.EPOLLIN)
-        connections: dict[int, tuple[socket.socket, msgpack.Unpacker]] = {}
+        self._listener, self._poller = listener, select.epoll()
+        self._poller.register(listener.fileno(), select.EPOLLIN)
+        self._connections: dict[int, tuple[socket.socket, msgpack.Unpacker]] = {}
+        self._accept_paused = False
         self.server.logger.info(f"server started at path {self.path}")
         next_tick = time.monotonic() + WATCHDOG_SECONDS
         try:
             while True:
-                for fd, _ in poller.poll(WATCHDOG_SECONDS):
+                for fd, _ in self._poller.poll(WATCHDOG_SECONDS):
                     if fd == listener.fileno():
-                        self._accept(listener, poller, connections)
+                        self._accept()
                     else:
-                        self._serve(fd, poller, connections)
+                        self._serve(fd)
                 now = time.monotonic()
                 if now < next_tick:
                     continue
@@ -206,41 +208,53 @@ class RPCServer:
                     self.server.logger.info("Kong exits, terminating...")
                     return
                 self.server.expire_events(now)
+                if self._accept_paused:
+                    self._accept_paused = False
+                    self._poller.modify(listener.fileno(), select.EPOLLIN)
         finally:
-            for conn, _ in connections.values():
+            for conn, _ in self._connections.values():
                 conn.close()
-            poller.close()
+            self._poller.close()
             listener.close()
 
-    def _accept(self, listener: socket.socket, poller, connections: dict) -> None:
+    def _accept(self) -> None:
         try:
-            conn, _ = listener.accept()
+            conn, _ = self._listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        except OSError as err:  # out of file descriptors, say: Kong retries, the loop goes on
-            self.server.logger.warn(f"cannot accept a connection: {err!r}")
+        except OSError as err:
+            # Out of file descriptors, say. The connection stays queued and epoll would report
+            # it again at once: stop listening until the next tick instead of spinning.
+            self.server.logger.warn(f"cannot accept connections for a second: {err!r}")
+            self._accept_paused = True
+            self._poller.modify(self._listener.fileno(), 0)
             return
         # Non-blocking: a socket with a timeout would poll() before every recv and send.
         conn.setblocking(False)
-        connections[conn.fileno()] = (conn, msgpack.Unpacker(strict_map_key=False))
-        poller.register(conn.fileno(), select.EPOLLIN)
+        # Kong sends Lua strings as msgpack str whatever their bytes (a raw request path may not
+        # be UTF-8): keep such bytes as surrogates, for the plugin to refuse, not the connection.
+        unpacker = msgpack.Unpacker(strict_map_key=False, unicode_errors="surrogateescape")
+        self._connections[conn.fileno()] = (conn, unpacker)
+        self._poller.register(conn.fileno(), select.EPOLLIN)
 
-    def _serve(self, fd: int, poller, connections: dict) -> None:
-        conn, unpacker = connections[fd]
+    def _serve(self, fd: int) -> None:
+        conn, unpacker = self._connections[fd]
         try:
             chunk = conn.recv(65536)
             if chunk:
                 unpacker.feed(chunk)
                 for message in unpacker:
+                    if not isinstance(message, list) or len(message) != 4:
+                        raise ValueError(f"not an RPC message: {message!r:.100}")
                     _, msgid, method, args = message
                     _send(conn, self._dispatch(msgid, method, args))
                 return
         except BlockingIOError:  # a spurious wakeup
             return
-        except (OSError, ValueError, msgpack.UnpackException) as err:
+        except (OSError, ValueError, TypeError, msgpack.UnpackException) as err:
             self.server.logger.warn(f"dropping a connection: {err!r}")
-        poller.unregister(fd)
-        del connections[fd]
+        self._poller.unregister(fd)
+        del self._connections[fd]
         conn.close()
 
 

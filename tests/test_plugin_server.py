@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import msgpack
 import pytest
@@ -164,6 +165,12 @@ def test_malformed_and_unknown_rpcs_get_errors_and_the_server_goes_on(rpc, serve
         assert (kind, msgid, result) == (1, 1, None) and "malformed RPC" in error
         raw.sendall(b"\xc1garbage")  # never valid msgpack: the server drops this connection only
         assert raw.recv(4096) == b""
+    for not_rpc in (msgpack.packb(5), msgpack.packb({(1, 2): 1}), msgpack.packb([0, 1])):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+            raw.settimeout(5)
+            raw.connect(server.socket_path)
+            raw.sendall(not_rpc)
+            assert raw.recv(4096) == b""
     iid = start(rpc)
     assert run_access(rpc, iid, Request("/metrics/job/x")).target == _owner("/metrics/job/x")
 
@@ -216,7 +223,6 @@ def _is_zombie(pid):
 
 
 def test_events_kong_stopped_stepping_are_dropped_after_their_ttl():
-    import time
 
     from kong_plugin_pgwshard.server import EVENT_TTL_SECONDS, build_server
 
@@ -233,3 +239,80 @@ def test_events_kong_stopped_stepping_are_dropped_after_their_ttl():
     with pytest.raises(PluginServerException, match="not found"):
         ours.step({"EventId": abandoned, "Data": "/metrics/job/x"})
     assert ours.step({"EventId": live, "Data": "/metrics/job/x"})["Data"]["Method"] == "kong.service.set_target"
+
+
+def test_a_path_that_is_not_utf8_gets_400_not_a_dropped_connection(rpc, server):
+    # Kong packs the raw path as a msgpack str whatever its bytes.
+    iid = start(rpc)
+    pack = msgpack.Packer(unicode_errors="surrogateescape").pack
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+        raw.settimeout(5)
+        raw.connect(server.socket_path)
+        unpacker = msgpack.Unpacker(strict_map_key=False, unicode_errors="surrogateescape")
+
+        def call(msgid, method, arg):
+            raw.sendall(pack([0, msgid, method, [arg]]))
+            while True:
+                for message in unpacker:
+                    return message[3]
+                chunk = raw.recv(4096)
+                assert chunk, "the server dropped the connection"
+                unpacker.feed(chunk)
+
+        event = call(1, "plugin.HandleEvent", {"InstanceId": iid, "EventName": "access"})
+        answer = call(2, "plugin.Step", {"EventId": event["EventId"], "Data": b"/metrics/job/x/a/\xff".decode(
+            "utf-8", "surrogateescape")})
+    assert answer["Data"]["Method"] == "kong.response.exit"
+    status, body = answer["Data"]["Args"][:2]
+    assert status == 400 and "not valid UTF-8" in body["message"]
+
+
+def test_out_of_file_descriptors_the_server_waits_instead_of_spinning(tmp_path):
+    from tests.support.processes import ManagedProcess
+
+    server = ManagedProcess("plugin-server-lowfd", ["prlimit", "--nofile=24", sys.executable, "-m",
+                                                    "kong_plugin_pgwshard.server", "-p", str(tmp_path)], cwd=str(REPO))
+    server.start()
+    held = []
+    try:
+        wait_until(lambda: os.path.exists(tmp_path / "pgwshard.sock"), 20, what="the socket")
+        for _ in range(30):  # more than the server may open
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(tmp_path / "pgwshard.sock"))
+            held.append(s)
+        wait_until(lambda: "cannot accept" in server.log(), 10, what="the server to run out of descriptors")
+        before = server.log().count("cannot accept")
+        time.sleep(2)
+        assert server.log().count("cannot accept") - before <= 5  # about one a second, not a flood
+        for s in held:
+            s.close()
+        held.clear()
+        rpc = KongRPC(str(tmp_path / "pgwshard.sock"))  # it accepts again once descriptors are free
+        iid = rpc.start_instance("pgwshard", {"nodes": NODES})
+        assert run_access(rpc, iid, Request("/metrics/job/x")).target == _owner("/metrics/job/x")
+        rpc.close()
+    finally:
+        for s in held:
+            s.close()
+        server.stop()
+
+
+def test_a_step_answers_the_rpc_that_carried_it():
+    # Kong's Step may come on another connection than its event; were connections served by
+    # greenlets of their own (as kong-pdk's gevent listener does), the answer must still go to
+    # the one that carried the Step.
+    from greenlet import greenlet
+
+    from kong_plugin_pgwshard.server import build_server
+
+    ours = build_server()
+    iid = ours.start_instance({"Name": "pgwshard", "Config": json.dumps({"nodes": NODES})})["Id"]
+    main = greenlet.getcurrent()
+
+    def connection_a():
+        main.switch(ours.handle_event({"InstanceId": iid, "EventName": "access"}))
+        return "connection A's next request"
+
+    event = greenlet(connection_a).switch()
+    answer = ours.step({"EventId": event["EventId"], "Data": "/metrics/job/x"})  # on connection B
+    assert answer["Data"]["Method"] == "kong.service.set_target"
