@@ -223,7 +223,6 @@ def _is_zombie(pid):
 
 
 def test_events_kong_stopped_stepping_are_dropped_after_their_ttl():
-
     from kong_plugin_pgwshard.server import EVENT_TTL_SECONDS, build_server
 
     ours = build_server()
