@@ -5,8 +5,8 @@ kong-pdk's own parts: its `PluginServer` keeps the instances and answers plugin 
 its `Kong` object is the PDK the plugin calls. What it replaces is how events run, because every
 push costs three round trips (HandleEvent and two Steps) and kong-pdk's gevent and thread modes
 spend most of their CPU moving each one between greenlets or threads through the gevent hub:
-measured with bench/plugin_rpc_bench.py, about 415 µs of CPU per push in gevent mode against
-130-230 µs here. Here one thread serves every connection from an epoll loop and each event's
+measured with bench/plugin_rpc_bench.py, 345-420 µs of CPU per push in gevent mode against
+130-280 µs here. Here one thread serves every connection from an epoll loop and each event's
 phase runs in a bare greenlet: a PDK call switches straight back to the loop, which sends the
 call to Kong as the RPC's answer, and the Step that carries its result switches into the
 phase again.
