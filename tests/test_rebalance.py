@@ -23,6 +23,12 @@ def ring_of(pgws) -> Ring:
     return Ring(Member.parse(p.address) for p in pgws)
 
 
+def owner_and_other(pgws, ring, key):
+    """Of two pushgateways: the one owning key on ring, and the other."""
+    owner = next(p for p in pgws if p.address == ring.owner(key).name)
+    return owner, next(p for p in pgws if p is not owner)
+
+
 def body(done: int, depth: float = 0.5) -> str:
     return ("# TYPE jobs_done_total counter\n"
             f"jobs_done_total {done}\n"
@@ -181,8 +187,7 @@ def test_owner_with_a_newer_copy_keeps_it(pushgateways):
     pgws = pushgateways(2)
     ring = ring_of(pgws)
     key = KEYS[0]
-    owner = next(p for p in pgws if p.address == ring.owner(key).name)
-    other = next(p for p in pgws if p is not owner)
+    owner, other = owner_and_other(pgws, ring, key)
     push(other, key, 1)
     push(owner, key, 2)
 
@@ -233,8 +238,7 @@ def test_a_rejected_copy_loses_nothing_and_leaves_no_empty_group(pushgateways):
     pgws = pushgateways(2)
     ring = ring_of(pgws)
     key = KEYS[0]
-    owner = next(p for p in pgws if p.address == ring.owner(key).name)
-    other = next(p for p in pgws if p is not owner)
+    owner, other = owner_and_other(pgws, ring, key)
     # Another group on the owner uses the same metric name as a gauge: the copy's counter clashes.
     clash = next(k for k in (GroupingKey.from_labels({"job": f"other-{n}"}) for n in range(50))
                  if ring.owner(k).name == owner.address)
@@ -350,8 +354,7 @@ def test_owner_is_rechecked_right_before_the_copy(pushgateways, monkeypatch):
     pgws = pushgateways(2)
     ring = ring_of(pgws)
     key = KEYS[0]
-    owner = next(p for p in pgws if p.address == ring.owner(key).name)
-    other = next(p for p in pgws if p is not owner)
+    owner, other = owner_and_other(pgws, ring, key)
     push(other, key, 1)
     plan = Rebalancer._plan
 

@@ -173,11 +173,7 @@ class RPCRelay:
             except OSError:
                 data = b""
             if not data:
-                for s in (src, dst):
-                    try:
-                        s.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
+                _shut(src, dst)
                 return
             if requests and closing.is_set():
                 return  # sent after the hang-up: lost, as on a closed connection
@@ -193,11 +189,7 @@ class RPCRelay:
             except OSError:
                 return
             if hang_up:
-                for s in (src, dst):
-                    try:
-                        s.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
+                _shut(src, dst)
                 return
 
     def _record(self, message: list, number: int, request: bool) -> None:
@@ -217,3 +209,11 @@ class RPCRelay:
 def _asks_for_a_call(answer: list) -> bool:
     result = answer[3]
     return isinstance(result, dict) and isinstance(result.get("Data"), dict) and "Method" in result["Data"]
+
+
+def _shut(*sockets: socket.socket) -> None:
+    for s in sockets:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
