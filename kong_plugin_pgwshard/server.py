@@ -18,8 +18,9 @@ call ends the event at once, and an event Kong stops stepping is dropped after
 EVENT_TTL_SECONDS. On CloseInstance the plugin's `close()`, if it has one, is called (kong-pdk
 never tells a plugin its instance closed): pgwshard stops the membership poller nobody uses.
 
-The loop never blocks on Kong: it reads only readable sockets, and answers are a few hundred
-bytes, far below a unix socket's buffer. A plugin phase must not block either (pgwshard's does
+The loop waits on Kong only in one case: it reads only readable sockets, and answers are a few
+hundred bytes, far below a unix socket's buffer, so a send waits (at most SEND_TIMEOUT_SECONDS)
+only when a peer stopped reading. A plugin phase must not block either (pgwshard's does
 no I/O). Like kong-pdk's server it exits when its parent (Kong) is gone.
 """
 from __future__ import annotations
@@ -164,21 +165,24 @@ class RPCServer:
 
     def _dispatch(self, msgid: int, method: str, args: list) -> bytes:
         if not isinstance(method, str) or not isinstance(args, list):
-            return self._pack([1, msgid, "malformed RPC: expected a method name and a list of arguments", None])
+            return self._answer(msgid, "malformed RPC: expected a method name and a list of arguments")
         handler = self._methods.get(method)
         if handler is None:
             name = _method_name(method)
             handler = getattr(self.server, name, None) if name and not name.startswith("_") else None
             if handler is None:
-                return self._pack([1, msgid, f"RPC {method} is not supported", None])
+                return self._answer(msgid, f"RPC {method} is not supported")
             self._methods[method] = handler
         try:
-            return self._pack([1, msgid, None, handler(*args)])
+            return self._answer(msgid, None, handler(*args))
         except (PluginServerException, PDKException) as err:
-            return self._pack([1, msgid, str(err), None])
+            return self._answer(msgid, str(err))
         except Exception as err:  # noqa: BLE001 - one bad call must not stop the server
             self.server.logger.error(f"rpc #{msgid} {method}: {traceback.format_exc()}")
-            return self._pack([1, msgid, str(err), None])
+            return self._answer(msgid, str(err))
+
+    def _answer(self, msgid: int, error: str | None, result: Any = None) -> bytes:
+        return self._pack([1, msgid, error, result])
 
     def serve_forever(self) -> None:
         if os.path.exists(self.path):

@@ -2,10 +2,19 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import pytest
 
 from tests.support.processes import Consul, Pushgateway, consul_binary
+
+
+@pytest.fixture
+def stop():
+    """A stop event for a watch loop, set when the test ends."""
+    event = threading.Event()
+    yield event
+    event.set()
 
 
 @pytest.fixture

@@ -374,7 +374,7 @@ def test_stack_routes_pushes_to_the_healthy_compose_pushgateways(stack_plugin_se
 
     from kong_plugin_pgwshard.config import load_settings
     from kong_plugin_pgwshard.grouping import parse_push_path
-    from kong_plugin_pgwshard.ring import Member, Ring
+    from kong_plugin_pgwshard.ring import Ring
     from kong_plugin_pgwshard.sinks import sinks_from_settings
     from tests.support.kong_admin_double import KongAdminDouble
     from tests.support.kong_rpc import KongRPC, Request, run_access

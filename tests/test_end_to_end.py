@@ -9,7 +9,6 @@ uses consul_sd_configs with the official image.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import urllib.error
 import urllib.request

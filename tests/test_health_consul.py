@@ -7,8 +7,6 @@ import threading
 import time
 import urllib.request
 
-import pytest
-
 from kong_plugin_pgwshard.config import ConsulSettings
 from kong_plugin_pgwshard.health_consul import ConsulHealth, consul_client
 from kong_plugin_pgwshard.ring import Member
@@ -28,13 +26,6 @@ def register(consul, sid: str, port: int, tags=(), passing: bool = True) -> None
         "ID": sid, "Name": "pushgateway", "Address": "127.0.0.1", "Port": port, "Tags": list(tags),
         "Check": {"CheckID": f"{sid}-ttl", "TTL": "60s"}})
     put(consul, f"/v1/agent/check/{'pass' if passing else 'fail'}/{sid}-ttl")
-
-
-@pytest.fixture
-def stop():
-    event = threading.Event()
-    yield event
-    event.set()
 
 
 def test_only_passing_instances_and_changes_arrive_by_blocking_query(consul, stop):

@@ -5,8 +5,6 @@ import socket
 import threading
 import time
 
-import pytest
-
 from kong_plugin_pgwshard.config import ProbeSettings
 from kong_plugin_pgwshard.health_probes import ProbeHealth
 from kong_plugin_pgwshard.ring import Member
@@ -15,13 +13,6 @@ from tests.support.processes import Pushgateway, free_port
 
 def members(pgws) -> list[Member]:
     return [Member.parse(p.address) for p in pgws]
-
-
-@pytest.fixture
-def stop():
-    event = threading.Event()
-    yield event
-    event.set()
 
 
 def test_first_probe_decides_then_fall_and_rise_counts_apply(pushgateways, stop):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 
-import gevent
 import pytest
 from gevent import greenlet as gevent_greenlet
 from greenlet import greenlet
@@ -72,7 +71,6 @@ def test_ours_ends_every_event_on_exit(plugin_cls):
     iid = _start(ours, plugin_cls)
     before = _live_greenlets(greenlet)
     _exit_many(ours, iid, 300)
-    gevent.sleep(0)
     assert len(ours.events) == 0
     assert _live_greenlets(greenlet) - before <= 1  # the current one at most, never one per exit
 
