@@ -5,6 +5,9 @@ job allows: one to read the raw path, then one `set_target` (a push), one `exit`
 path or no members) or none (anything else). The method is not read: a push path is routed to
 its owner whatever the method, and the owner answers a GET there with its own 405, exactly as a
 lone Pushgateway would; that saves a round trip on every push.
+
+Pushes repeat (a fleet pushes the same groups every interval), so each push path's owner is
+remembered for the ring it was computed on: a repeated push skips parsing and hashing.
 """
 from __future__ import annotations
 
@@ -15,12 +18,16 @@ from .errors import GroupingKeyError, NoMembersError
 from .grouping import parse_push_path
 from .membership import membership_for, release
 from .plugin_config import SCHEMA, PluginConfig
+from .ring import Member, Ring
 
 Schema = SCHEMA
 version = __version__
 # After authentication (1000+) and rate limiting (910), before request-transformer (801) and the
 # logging plugins: a rejected or throttled push never reaches a pushgateway.
 priority = 850
+# Push paths whose owner is remembered; at the bound the memo starts afresh, so a stream of
+# distinct paths costs a few MB at most.
+OWNER_MEMO_SIZE = 16384
 
 
 class Plugin:
@@ -29,6 +36,8 @@ class Plugin:
     def __init__(self, config: dict[str, Any]):
         self.config = PluginConfig.from_kong(config)  # ConfigError names the field
         self.membership = membership_for(self.config)
+        self._memo_ring: Ring | None = None
+        self._owners: dict[str, Member] = {}
 
     def close(self) -> None:
         """Kong closed this instance (pgwshard-plugin calls this; kong-pdk's own server does not)."""
@@ -39,10 +48,9 @@ class Plugin:
         try:
             path = kong.request.get_raw_path()
             try:
-                key = parse_push_path(path, self.config.route_prefix)
-                if key is None:
+                owner = self._owner(path)
+                if owner is None:
                     return  # reads and other paths: the route's own upstream balancing
-                owner = self.membership.ring().owner(key)
             except GroupingKeyError as err:
                 kong.response.exit(400, {"message": f"pgwshard: bad push path: {err}"})
                 return
@@ -56,3 +64,18 @@ class Plugin:
                 kong.response.exit(500, {"message": "pgwshard: internal error, see the gateway's error log"})
             except Exception:  # noqa: BLE001 - the gateway connection itself is gone
                 pass
+
+    def _owner(self, path: str) -> Member | None:
+        ring = self.membership.ring()
+        if ring is not self._memo_ring:  # membership changed: owners may have too
+            self._memo_ring, self._owners = ring, {}
+        owner = self._owners.get(path)
+        if owner is None:
+            key = parse_push_path(path, self.config.route_prefix)
+            if key is None:
+                return None
+            owner = ring.owner(key)
+            if len(self._owners) >= OWNER_MEMO_SIZE:
+                self._owners = {}
+            self._owners[path] = owner
+        return owner

@@ -1,15 +1,16 @@
 """`pgwshard-plugin`: the dedicated plugin server Kong starts for pgwshard.
 
-It speaks Kong's msgpack plugin-server protocol on `<prefix>/pgwshard.sock` and is built from
-kong-pdk's own parts: its `PluginServer` keeps the instances and answers plugin info and status,
-its `Kong` object is the PDK the plugin calls. What it replaces is how events run, because every
-push costs three round trips (HandleEvent and two Steps) and kong-pdk's gevent and thread modes
-spend most of their CPU moving each one between greenlets or threads through the gevent hub:
-measured with bench/plugin_rpc_bench.py, 345-420 µs of CPU per push in gevent mode against
-130-280 µs here. Here one thread serves every connection from an epoll loop and each event's
-phase runs in a bare greenlet: a PDK call switches straight back to the loop, which sends the
-call to Kong as the RPC's answer, and the Step that carries its result switches into the
-phase again.
+It speaks Kong's msgpack plugin-server protocol on `<prefix>/pgwshard.sock`. kong-pdk's
+`PluginServer` keeps the instances and answers plugin info and status; what this module
+replaces is how events run, because every push costs three round trips (HandleEvent and two
+Steps) and kong-pdk spends most of its CPU on the machinery around them: a gevent or thread
+hand-off per round trip, a greenlet or thread per event, and a new chain of PDK proxy objects
+on every call. Here one thread serves every connection from an epoll loop; each event's phase
+runs in a greenlet taken from a pool of idle ones; a PDK call switches straight back to the
+loop, which sends the call to Kong as the RPC's answer, and the Step that carries its result
+switches into the phase again. The PDK the plugin sees (`kong.request.get_raw_path()` and so
+on) behaves as kong-pdk's, with its attribute chains built once. Measured with
+bench/plugin_rpc_bench.py: see the README for CPU per push against kong-pdk's modes.
 
 This also closes two leaks of kong-pdk 0.36 on `kong.response.exit`, which pgwshard uses for
 every rejected push: its server keeps an event forever when the first PDK call is terminal, and
@@ -42,7 +43,6 @@ from greenlet import greenlet
 from kong_pdk.exception import PDKException, PluginServerException
 from kong_pdk.logger import Logger
 from kong_pdk.module import Module
-from kong_pdk.pdk import Kong
 from kong_pdk.server import PluginServer, terminal_methods
 
 from . import plugin
@@ -54,41 +54,87 @@ WATCHDOG_SECONDS = 1.0
 # plugin server after its socket timeout (60 s by default).
 EVENT_TTL_SECONDS = 600.0
 SEND_TIMEOUT_SECONDS = 5.0
+IDLE_RUNNERS = 64  # phase greenlets kept for reuse: more than the events one server has in flight
 
 
-class _Switch:
-    """The channel kong-pdk's PDK talks through (`put` a call, `get` its result), as a greenlet
-    switch: `put` hands the call to the loop and resumes when a Step brings the result back."""
+class _PDKCall:
+    """`kong`, `kong.request`, `kong.request.get_raw_path`...: as in kong-pdk, the attribute chain
+    names the PDK call and calling it sends the call to Kong. Unlike kong-pdk, each link is built
+    once and kept, and one chain serves every event: a call switches to the loop from whichever
+    phase greenlet makes it."""
 
-    __slots__ = ("result",)
+    def __init__(self, name: str):
+        self._name = name
+        self._terminal = name in terminal_methods
+        self._log = name == "kong.log" or name.startswith("kong.log.")
 
-    def put(self, call: dict) -> None:
-        self.result = greenlet.getcurrent().parent.switch(call)
+    def __getattr__(self, attr: str) -> "_PDKCall":
+        if attr.startswith("__"):  # copy, pickle and friends probe these: not PDK names
+            raise AttributeError(attr)
+        link = _PDKCall(f"{self._name}.{attr}")
+        self.__dict__[attr] = link
+        return link
 
-    def get(self) -> tuple[Any, Any]:
-        return self.result
+    def __call__(self, *args: Any) -> Any:
+        if self._log:  # kong-pdk's rule: a value msgpack may not carry is logged as its str()
+            args = tuple(a if type(a) in (str, int, list, dict) else str(a) for a in args)
+        result = greenlet.getcurrent().parent.switch({"Method": self._name, "Args": args})
+        if self._terminal:
+            return None  # Kong ends the request: no result comes back
+        data, err = result
+        if err:
+            raise PDKException(f"exception from {self._name}: {err}")
+        return data
 
 
-def _run_phase(phase, lua_style: bool) -> str:
-    phase(Kong(_Switch(), lua_style).kong)
-    return RET
+KONG = _PDKCall("kong")
+
+
+class _Raised:
+    """How a phase runner reports that the plugin raised: it stays alive for the next event."""
+
+    __slots__ = ("error", "trace")
+
+    def __init__(self, error: Exception, trace: str):
+        self.error, self.trace = error, trace
+
+
+def _phase_runner(phase) -> None:
+    """Body of a pooled greenlet: run a phase, hand its end (RET or _Raised) to the loop, wait
+    for the next one. Creating a greenlet per event cost more than the rest of the event."""
+    while True:
+        try:
+            phase(KONG)
+            end = RET
+        except Exception as err:  # noqa: BLE001 - reported to Kong by the loop
+            end = _Raised(err, traceback.format_exc())
+        phase = None  # a parked runner must not keep a closed instance alive
+        phase = greenlet.getcurrent().parent.switch(end)
 
 
 class PgwshardPluginServer(PluginServer):
-    """kong-pdk's PluginServer whose events run in bare greenlets driven by the RPC loop."""
+    """kong-pdk's PluginServer whose events run in pooled greenlets driven by the RPC loop."""
 
     def __init__(self, loglevel: int = Logger.WARNING):
         super().__init__(loglevel=loglevel, name=f"{NAME} version {plugin.version}", lua_style=False)
+        self._idle: list[greenlet] = []
 
     def handle_event(self, event: dict) -> dict:
         iid = event["InstanceId"]
         instance = self.instances.get(iid)
         if instance is None:
             raise PluginServerException(f"no plugin instance #{iid}")  # Kong restarts it on these words
+        phase = getattr(instance.cls, event["EventName"])
         eid = self.event_id
         self.event_id = eid + 1
-        phase = greenlet(_run_phase)
-        return self._advance(eid, phase, getattr(instance.cls, event["EventName"]), self.lua_style)
+        runner = self._idle.pop() if self._idle else greenlet(_phase_runner)
+        return self._advance(eid, runner, phase)
+
+    def step(self, data: dict) -> dict:
+        return self._step(data, False)
+
+    def step_error(self, data: dict) -> dict:
+        return self._step(data, True)
 
     def expire_events(self, now: float) -> None:
         """Forget events Kong stopped stepping (a worker killed mid-request), so they cannot pile
@@ -112,34 +158,42 @@ class PgwshardPluginServer(PluginServer):
 
     def _step(self, data: dict, is_error: bool) -> dict:
         eid = data["EventId"]
-        phase, _ = self.events.pop(eid, (None, 0.0))
-        if phase is None:
+        runner, _ = self.events.pop(eid, (None, 0.0))
+        if runner is None:
             raise PluginServerException(f"event id {eid} not found")
         result = data.get("Data")  # absent when the PDK call returned nil
-        return self._advance(eid, phase, (None, result) if is_error else (result, None))
+        return self._advance(eid, runner, (None, result) if is_error else (result, None))
 
-    def _advance(self, eid: int, phase: greenlet, *args) -> dict:
+    def _advance(self, eid: int, runner: greenlet, arg: Any) -> dict:
         """Run the phase up to its next PDK call (the answer to Kong) or its end."""
-        phase.parent = greenlet.getcurrent()  # its next PDK call comes back here, to this RPC
-        try:
-            data = phase.switch(*args)
-        except Exception as err:  # an answer instead of leaving Kong waiting on its socket
-            self.logger.error(f"event #{eid}: the plugin raised: {traceback.format_exc()}")
-            raise PluginServerException(f"the plugin raised {err!r}") from None
-        if isinstance(data, dict):
-            if data.get("Method") in terminal_methods:
-                self._finish_after_exit(eid, phase)
+        runner.parent = greenlet.getcurrent()  # its next PDK call comes back here, to this RPC
+        data = runner.switch(arg)
+        if type(data) is dict:
+            if data["Method"] in terminal_methods:
+                self._finish_after_exit(eid, runner)
             else:
-                self.events[eid] = (phase, time.monotonic())  # waiting for Kong's Step
+                self.events[eid] = (runner, time.monotonic())  # waiting for Kong's Step
+        else:
+            self._park(eid, runner, data)
         return {"Data": data, "EventId": eid}
 
-    def _finish_after_exit(self, eid: int, phase: greenlet) -> None:
+    def _park(self, eid: int, runner: greenlet, end: Any) -> None:
+        """The phase ended (RET or _Raised): keep its runner for another event."""
+        if len(self._idle) < IDLE_RUNNERS:
+            self._idle.append(runner)
+        if type(end) is _Raised:  # an answer instead of leaving Kong waiting on its socket
+            self.logger.error(f"event #{eid}: the plugin raised: {end.trace}")
+            raise PluginServerException(f"the plugin raised {end.error!r}")
+
+    def _finish_after_exit(self, eid: int, runner: greenlet) -> None:
         # Kong sends nothing more for this event. Let the phase run on to its end, as kong-pdk
-        # does; a PDK call after the exit is never answered, so its greenlet is dropped and freed.
-        try:
-            phase.switch(None)
-        except Exception:  # noqa: BLE001 - the exit is already Kong's answer
-            self.logger.error(f"event #{eid}: the plugin raised after its exit: {traceback.format_exc()}")
+        # does; a PDK call after the exit is never answered, so that runner is dropped and freed.
+        end = runner.switch(None)
+        if type(end) is not dict:
+            try:
+                self._park(eid, runner, end)
+            except PluginServerException:  # the exit is already Kong's answer
+                pass
 
 
 _CAMEL = re.compile("([a-z])([A-Z])")

@@ -75,24 +75,28 @@ def test_ours_ends_every_event_on_exit(plugin_cls):
     assert _live_greenlets(greenlet) - before <= 1  # the current one at most, never one per exit
 
 
-def test_100k_rejected_pushes_keep_the_server_flat(plugin_server_factory):
+@pytest.mark.parametrize("kind", ["rejected", "distinct"])
+def test_100k_pushes_keep_the_server_flat(plugin_server_factory, kind):
+    """Rejected pushes, and pushes to ever new groups (the owner memo is bounded)."""
     server = plugin_server_factory()
     rpc = KongRPC(server.socket_path)
     iid = rpc.start_instance("pgwshard", {"nodes": ["127.0.0.1:9999"]})
-    bad = Request("/metrics/job/x/odd")
+    pushed = 0
 
-    def reject(n):
+    def push(n):
+        nonlocal pushed
         for _ in range(n):
-            bad.exit = None
-            run_access(rpc, iid, bad)
-            bad.calls.clear()
-        assert bad.exit[0] == 400
+            pushed += 1
+            path = "/metrics/job/x/odd" if kind == "rejected" else f"/metrics/job/fleet/instance/host-{pushed:08d}"
+            answer = run_access(rpc, iid, Request(path))
+            assert (answer.exit[0] == 400) if kind == "rejected" else (answer.target == ("127.0.0.1", 9999))
 
-    reject(10_000)  # warm up: allocator pools, caches
+    push(10_000)  # warm up: allocator pools, caches
     rss_10k = server.rss_kib()
-    reject(90_000)
+    push(90_000)
     rss_100k = server.rss_kib()
     rpc.close()
-    print(f"plugin server RSS: {rss_10k} KiB after 10k rejected pushes, {rss_100k} KiB after 100k")
-    # A leaked event or greenlet per exit would be >= 1 KiB each: 90 MB over the last 90k.
+    print(f"plugin server RSS, {kind} pushes: {rss_10k} KiB after 10k, {rss_100k} KiB after 100k")
+    # A leaked event or greenlet per exit would be >= 1 KiB each, a remembered path ~150 bytes:
+    # 13-90 MB over the last 90k.
     assert rss_100k - rss_10k < 4 * 1024
