@@ -13,6 +13,7 @@
 -- A dead or hung plugin server is answered 503 with a JSON body, never a hang.
 
 local mp = require "MessagePack"
+local decoder = require "pgwshard_msgpack"
 local cjson = require "cjson.safe"
 local balancer = require "ngx.balancer"
 
@@ -52,17 +53,26 @@ local function rpc_once(method, arg)
     sock:close()
     return nil, "plugin server write failed: " .. err, true, reused
   end
-  local read_err
-  local next_message = mp.unpacker(function()
-    local chunk, e = sock:receiveany(65536)
-    if not chunk then read_err = e end
-    return chunk
-  end)
-  local got, _, message = pcall(next_message)
-  if not got or type(message) ~= "table" then
+  -- An answer is a few hundred bytes and nearly always arrives in one read.
+  local data, read_err = sock:receiveany(65536)
+  local stale = reused and read_err == "closed" -- closed without a byte of answer
+  local message
+  while data do
+    local decoded, value = pcall(decoder.decode, data)
+    if decoded then
+      message = value
+      break
+    elseif value ~= decoder.INCOMPLETE then
+      read_err = value
+      break
+    end
+    local more
+    more, read_err = sock:receiveany(65536)
+    data = more and data .. more
+  end
+  if type(message) ~= "table" then
     sock:close()
-    return nil, "plugin server read failed: " .. tostring(read_err or message), true,
-      reused and read_err == "closed"
+    return nil, "plugin server read failed: " .. tostring(read_err or "not an RPC answer"), true, stale
   end
   sock:setkeepalive(settings.keepalive_ms, settings.keepalive_pool)
   if message[2] ~= id then
