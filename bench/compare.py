@@ -5,10 +5,12 @@
   native   nginx's own `hash $request_uri consistent` over N pushgateways
   plugin   the pgwshard plugin through the OpenResty host over N pushgateways
 
-for G groups and N shards. Prints pushes/s, p50 and p99, and the ratios the goals name:
-plugin / native >= 0.8 (while pushgateways are not the bottleneck), and N=4 / direct >= 8 at
-4000 groups (each push makes a pushgateway re-check every group it holds, so sharding should
-pay more than linearly).
+for G groups and N shards. Prints pushes/s, p50 and p99, the CPU each push cost the front
+(the proxy: nginx workers, plus the plugin server) and the pushgateways, and the ratios the goals
+name: plugin / native >= 0.8 (while pushgateways are not the bottleneck), and N=4 / direct >= 8
+at 4000 groups (each push makes a pushgateway re-check every group it holds, so sharding should
+pay more than linearly). On a machine where all of it shares a few cores, the CPU columns say
+which part the throughput was spent on.
 
 Groups are preloaded with the consistency check off (fast), then the same pushgateways restart
 on their persistence files with the check on, as in production.
@@ -32,7 +34,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.support.processes import ManagedProcess, Pushgateway, free_port, http_get, temp_dir, wait_until  # noqa: E402
+from tests.support.processes import (ManagedProcess, Pushgateway, child_pids, cpu_seconds, free_port, http_get,  # noqa: E402
+                                     temp_dir, wait_until)
 
 BODY = b"# TYPE bench_last_success gauge\nbench_last_success 1\n# TYPE bench_items counter\nbench_items 42\n"
 NO_CHECK = ["--push.disable-consistency-check"]
@@ -112,7 +115,7 @@ def wrk(url: str, groups: int, seconds: int, connections: int) -> dict:
     if not m:
         raise RuntimeError(f"wrk printed no RESULT line:\n{out}")
     requests, duration, errors, p50, p99, non2xx = map(int, m.groups())
-    return {"rps": requests / (duration / 1e6), "p50_ms": p50 / 1000, "p99_ms": p99 / 1000,
+    return {"requests": requests, "rps": requests / (duration / 1e6), "p50_ms": p50 / 1000, "p99_ms": p99 / 1000,
             "errors": errors + non2xx}
 
 
@@ -127,7 +130,11 @@ def run_case(mode: str, groups: int, shards: int, seconds: int, connections: int
             pgw.stop()
             pgws[i] = Pushgateway(port=pgw.port, data_dir=pgw.data_dir).start()
         held = sum(len(p.groups()) for p in pgws)
+        parts = {"front": front_pids(mode, front), "pgw": [p.proc.pid for p in pgws]}
+        before = {part: sum(map(cpu_seconds, pids)) for part, pids in parts.items()}
         result = wrk(front.url, groups, seconds, connections)
+        for part, pids in parts.items():  # µs of CPU per push
+            result[f"{part}_us"] = (sum(map(cpu_seconds, pids)) - before[part]) / max(1, result["requests"]) * 1e6
         result.update(preload_s=load_s, held=held)
         return result
     finally:
@@ -135,6 +142,15 @@ def run_case(mode: str, groups: int, shards: int, seconds: int, connections: int
             front.stop()
         for pgw in pgws:
             pgw.stop()
+
+
+def front_pids(mode: str, front) -> list[int]:
+    """The proxy's processes: nginx workers, and the plugin server in plugin mode."""
+    if mode == "direct":
+        return []
+    if mode == "native":
+        return child_pids(front.proc.pid)
+    return child_pids(front.host.proc.pid) + [front.server.proc.pid]
 
 
 def start_front(mode: str, pgws: list[Pushgateway]):
@@ -163,7 +179,8 @@ def main() -> None:
             sys.exit(f"{tool} not found: apt-get install wrk nginx-light libnginx-mod-http-lua prometheus-pushgateway")
     modes = args.modes.split(",")
     trials: dict[tuple[int, str, int], list[dict]] = {}
-    print(f"{'groups':>6} {'mode':>7} {'N':>2} {'pushes/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'preload s':>9}")
+    print(f"{'groups':>6} {'mode':>7} {'N':>2} {'pushes/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'preload s':>9}"
+          f" {'front µs':>9} {'pgw µs':>7}   (CPU per push)")
     for groups in map(int, args.groups.split(",")):
         # Interleaved, so that a slow spell of a shared machine does not land on one mode only.
         for _ in range(args.repeat):
@@ -172,14 +189,15 @@ def main() -> None:
                     r = run_case(mode, groups, shards, args.seconds, args.connections)
                     trials.setdefault((groups, mode, shards), []).append(r)
                     print(f"{groups:>6} {mode:>7} {shards:>2} {r['rps']:>9.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
-                          f"{r['errors']:>6} {r['preload_s']:>9.1f}", flush=True)
+                          f"{r['errors']:>6} {r['preload_s']:>9.1f} {r['front_us']:>9.0f} {r['pgw_us']:>7.0f}", flush=True)
     print(f"\nmedians of {args.repeat} trials (pushes/s, with the lowest and highest)")
     by = {}
     for (groups, mode, shards), runs in trials.items():
         rates = sorted(r["rps"] for r in runs)
         by[groups, mode, shards] = statistics.median(rates)
         print(f"  G={groups:<6} {mode:>7} N={shards}: {by[groups, mode, shards]:>7.0f}   ({rates[0]:.0f}-{rates[-1]:.0f}), "
-              f"p99 {statistics.median(r['p99_ms'] for r in runs):.1f} ms")
+              f"p99 {statistics.median(r['p99_ms'] for r in runs):.1f} ms, CPU per push: front "
+              f"{statistics.median(r['front_us'] for r in runs):.0f} µs, pushgateways {statistics.median(r['pgw_us'] for r in runs):.0f} µs")
     print("\nratios")
     for groups in sorted({g for g, *_ in by}):
         for shards in sorted({n for _, _, n in by}):

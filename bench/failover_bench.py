@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import statistics
 import subprocess
@@ -24,9 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support.processes import Consul, Pushgateway, free_port, wait_until  # noqa: E402
-
-TICKS = os.sysconf("SC_CLK_TCK")
+from tests.support.processes import Consul, Pushgateway, cpu_seconds, free_port, wait_until  # noqa: E402
 
 
 def members(path: Path) -> set[str] | None:
@@ -34,12 +31,6 @@ def members(path: Path) -> set[str] | None:
         return set(json.loads(path.read_text())[0]["targets"])
     except (OSError, ValueError, IndexError):
         return None
-
-
-def cpu_seconds(pid: int) -> float:
-    # utime and stime are fields 14 and 15; the command name (field 2) may hold spaces
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -12,7 +12,6 @@ usage: python bench/plugin_rpc_bench.py [--requests 5000]
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import threading
 import time
@@ -22,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.support.kong_rpc import KongRPC, Request, run_access  # noqa: E402
-from tests.support.processes import PluginServer  # noqa: E402
+from tests.support.processes import PluginServer, cpu_seconds  # noqa: E402
 
 CASES = {"push": "/metrics/job/x/instance/i1", "read": "/metrics", "rejected": "/metrics/job/x/odd"}
 STOCK = ("import sys; sys.path.insert(0, '.'); from kong_pdk.cli import start_dedicated_server; from kong_plugin_pgwshard import plugin; "
@@ -38,12 +37,6 @@ class StockServer(PluginServer):
         script.write_text(STOCK + "\n")
         self.argv = [sys.executable, str(script), "-p", self.prefix, "--no-lua-style", *flags]
         self.cwd = str(REPO)
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def drive(socket_path: str, iid: int, path: str, n: int) -> None:

@@ -58,6 +58,26 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
         return err.code, err.read()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used, from /proc (for benchmarks)."""
+    # utime and stime are fields 14 and 15; the command name (field 2) may hold spaces
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is pid (an nginx master's workers, say)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    children.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                pass  # gone meanwhile
+    return children
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
     """Poll predicate() until it returns a truthy value or timeout seconds pass."""
     deadline = time.monotonic() + timeout
