@@ -1,6 +1,7 @@
 """The OpenResty host: real nginx, the real plugin server, real pushgateways."""
 from __future__ import annotations
 
+import contextlib
 import json
 import urllib.error
 import urllib.request
@@ -137,6 +138,25 @@ def test_a_step_on_another_connection_than_its_event_works(pushgateways):
         server.stop()
 
 
+def test_answers_arriving_in_pieces_are_read_to_their_end(pushgateways):
+    pgws = pushgateways(2)
+    server = PluginServer().start()
+    relay = RPCRelay(server.socket_path, split_answers=True).start()
+    nodes = [p.address for p in pgws]
+    host = NginxHost(relay.path, {"membership": "static", "nodes": nodes}, nodes, workers=1).start()
+    ring = Ring(Member.parse(n) for n in nodes)
+    try:
+        for path in (f"/metrics/job/slow/i/{i}" for i in range(10)):
+            assert call(host.url + path)[0] == 200, host.error_log()[-1500:]
+            assert holders(pgws, parse_push_path(path)) == [ring.owner(parse_push_path(path)).name]
+        assert call(host.url + "/metrics/job/slow/odd")[0] == 400  # an exit's answer, in pieces too
+        assert relay.rpcs >= 32
+    finally:
+        host.stop()
+        relay.stop()
+        server.stop()
+
+
 def test_a_config_change_starts_a_new_instance_and_closes_the_old(stack):
     pgws, server, host = stack
     assert call(host.url + "/metrics/job/before")[0] == 200
@@ -157,15 +177,32 @@ def test_a_config_change_starts_a_new_instance_and_closes_the_old(stack):
     assert 1 <= len(status["Plugins"]["pgwshard"]["Instances"]) <= 2  # one per worker: old ones closed
 
 
-@pytest.fixture
-def probe(pushgateways):
+@contextlib.contextmanager
+def probe_host(pushgateways, ours: bool):
     """The host in front of the test-only probe plugin (tests/support/pdk_probe_plugin.py)."""
     pgw = pushgateways(1)[0]
-    server = ProbePluginServer().start()
+    server = ProbePluginServer(ours=ours).start()
     host = NginxHost(server.socket_path, {"tag": "t-42"}, [pgw.address], workers=1, read_timeout_ms=1000).start()
-    yield host
-    host.stop()
-    server.stop()
+    try:
+        yield host
+    finally:
+        host.stop()
+        server.stop()
+
+
+@pytest.fixture(params=["kong-pdk", "pgwshard-plugin"])
+def probe(request, pushgateways):
+    """The PDK answers must reach the plugin alike under kong-pdk's own server and pgwshard-plugin."""
+    with probe_host(pushgateways, ours=request.param == "pgwshard-plugin") as host:
+        yield host
+
+
+@pytest.fixture
+def stock_probe(pushgateways):
+    # Only kong-pdk's threads mode survives a phase that blocks; pgwshard-plugin runs phases on
+    # one thread, and a phase must not block (its docstring).
+    with probe_host(pushgateways, ours=False) as host:
+        yield host
 
 
 def test_an_unknown_pdk_method_reaches_the_plugin_as_an_error(probe):
@@ -192,12 +229,12 @@ def test_exit_sends_a_table_as_json_with_headers_and_log_reaches_the_error_log(p
     assert call(probe.url + "/probe/text", "GET") == (418, b"plain text body")
 
 
-def test_a_hung_plugin_is_503_and_other_requests_still_work(probe):
-    status, body = call(probe.url + "/probe/hang", "GET", timeout=10)  # read timeout is 1 s: no hang
+def test_a_hung_plugin_is_503_and_other_requests_still_work(stock_probe):
+    status, body = call(stock_probe.url + "/probe/hang", "GET", timeout=10)  # read timeout is 1 s: no hang
     assert status == 503 and "plugin server is unavailable" in json.loads(body)["message"]
-    assert call(probe.url + "/probe/nil", "GET")[0] == 200
+    assert call(stock_probe.url + "/probe/nil", "GET")[0] == 200
     # a request the plugin leaves alone goes to the upstream
-    assert call(probe.url + "/-/healthy", "GET")[0] == 200
+    assert call(stock_probe.url + "/-/healthy", "GET")[0] == 200
 
 
 def test_a_restart_under_concurrent_requests_starts_one_instance_per_worker(stack):

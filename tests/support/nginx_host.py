@@ -6,6 +6,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 import msgpack
@@ -99,12 +100,14 @@ class PluginHostStack:
 
 
 class ProbePluginServer(PluginServer):
-    """tests/support/pdk_probe_plugin.py under kong-pdk's stock dedicated server (threads mode),
-    named pgwshard: the host meets kong-pdk's own server too."""
+    """tests/support/pdk_probe_plugin.py named pgwshard, under kong-pdk's stock dedicated server
+    (threads mode) or, with ours=True, under pgwshard-plugin's loop and PDK: the host meets both,
+    and pgwshard-plugin's PDK must answer the plugin as kong-pdk's does."""
 
-    def __init__(self):
+    def __init__(self, ours: bool = False):
         super().__init__()
-        self.argv = [sys.executable, "-m", "tests.support.pdk_probe_plugin", "-p", self.prefix, "--no-lua-style"]
+        flag = "--pgwshard-plugin" if ours else "--no-lua-style"
+        self.argv = [sys.executable, "-m", "tests.support.pdk_probe_plugin", "-p", self.prefix, flag]
 
 
 class RPCRelay:
@@ -113,11 +116,13 @@ class RPCRelay:
     another connection than their event's HandleEvent.
 
     close_after_calls: hang up on the host after each answer asking for a PDK call, as a plugin
-    server closing connections would, so that the Step must come on another connection."""
+    server closing connections would, so that the Step must come on another connection.
+    split_answers: deliver every answer in two pieces a few ms apart, so the host must read on."""
 
-    def __init__(self, target: str, close_after_calls: bool = False):
+    def __init__(self, target: str, close_after_calls: bool = False, split_answers: bool = False):
         self.target = target
         self.close_after_calls = close_after_calls
+        self.split_answers = split_answers
         self.path = os.path.join(temp_dir("pgwshard-relay-"), "relay.sock")
         self.connections = 0
         self.rpcs = 0
@@ -185,6 +190,10 @@ class RPCRelay:
             if hang_up:
                 closing.set()
             try:
+                if self.split_answers and not requests and len(data) > 1:
+                    dst.sendall(data[:len(data) // 2])
+                    time.sleep(0.005)
+                    data = data[len(data) // 2:]
                 dst.sendall(data)
             except OSError:
                 return

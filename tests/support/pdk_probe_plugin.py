@@ -1,11 +1,15 @@
 """A test-only kong-pdk plugin that exercises the OpenResty host's side of the PDK.
 
-Run as a dedicated plugin server named "pgwshard" (so it listens on <prefix>/pgwshard.sock):
+Run as a dedicated plugin server named "pgwshard" (so it listens on <prefix>/pgwshard.sock),
+under kong-pdk's own server or under pgwshard-plugin's event loop and PDK:
   python -m tests.support.pdk_probe_plugin -p <prefix> --no-lua-style
+  python -m tests.support.pdk_probe_plugin -p <prefix> --pgwshard-plugin
 Each /probe/<case> path makes the PDK calls a test wants to see answered as Kong would.
 """
 from __future__ import annotations
 
+import os
+import sys
 import time
 
 from kong_pdk.cli import start_dedicated_server
@@ -39,5 +43,19 @@ class Plugin:
             time.sleep(30)  # a plugin stuck past the host's read timeout
 
 
+def serve_with_pgwshard_plugin(prefix: str) -> None:
+    from kong_pdk.module import Module
+
+    from kong_plugin_pgwshard.server import PgwshardPluginServer, RPCServer
+
+    server = PgwshardPluginServer()
+    definition = type("probe", (), {"Plugin": Plugin, "Schema": [], "version": "0.0.1", "priority": 0})
+    server.plugins["pgwshard"] = Module("pgwshard", module=definition)
+    RPCServer(server, os.path.join(prefix, "pgwshard.sock")).serve_forever()
+
+
 if __name__ == "__main__":
-    start_dedicated_server("pgwshard", Plugin, "0.0.1", 0, [])
+    if "--pgwshard-plugin" in sys.argv:
+        serve_with_pgwshard_plugin(sys.argv[sys.argv.index("-p") + 1])
+    else:
+        start_dedicated_server("pgwshard", Plugin, "0.0.1", 0, [])
