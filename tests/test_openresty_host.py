@@ -96,13 +96,29 @@ def test_dead_plugin_server_is_503_with_a_body_and_recovery_restarts_the_instanc
         revived.stop()
 
 
-def test_500_requests_on_2_workers_reuse_connections_and_steps_move_between_them(pushgateways):
+@contextlib.contextmanager
+def relayed_stack(pushgateways, workers: int, **relay_options):
+    """3 pushgateways, the plugin server, and the host reaching it through an RPCRelay."""
     pgws = pushgateways(3)
     server = PluginServer().start()
-    relay = RPCRelay(server.socket_path).start()
+    relay = RPCRelay(server.socket_path, **relay_options).start()
     nodes = [p.address for p in pgws]
-    host = NginxHost(relay.path, {"membership": "static", "nodes": nodes}, nodes, workers=2).start()
+    host = NginxHost(relay.path, {"membership": "static", "nodes": nodes}, nodes, workers=workers).start()
     try:
+        yield pgws, relay, host
+    finally:
+        host.stop()
+        relay.stop()
+        server.stop()
+
+
+def on_their_owners(pgws, paths) -> bool:
+    ring = Ring(Member.parse(p.address) for p in pgws)
+    return all(holders(pgws, parse_push_path(p)) == [ring.owner(parse_push_path(p)).name] for p in paths)
+
+
+def test_500_requests_on_2_workers_reuse_connections_and_steps_move_between_them(pushgateways):
+    with relayed_stack(pushgateways, workers=2) as (pgws, relay, host):
         paths = [f"/metrics/job/k/i/{i % 50}" for i in range(500)]
         with ThreadPoolExecutor(8) as pool:
             statuses = list(pool.map(lambda path: call(host.url + path, timeout=15)[0], paths))
@@ -112,49 +128,25 @@ def test_500_requests_on_2_workers_reuse_connections_and_steps_move_between_them
         # a pool's worth of connections per worker
         assert relay.rpcs >= 1500
         assert 1 <= relay.connections <= 2 * 64
-    finally:
-        host.stop()
-        relay.stop()
-        server.stop()
 
 
 def test_a_step_on_another_connection_than_its_event_works(pushgateways):
-    pgws = pushgateways(3)
-    server = PluginServer().start()
-    relay = RPCRelay(server.socket_path, close_after_calls=True).start()
-    nodes = [p.address for p in pgws]
-    host = NginxHost(relay.path, {"membership": "static", "nodes": nodes}, nodes, workers=1).start()
-    ring = Ring(Member.parse(n) for n in nodes)
-    try:
+    with relayed_stack(pushgateways, workers=1, close_after_calls=True) as (pgws, relay, host):
         paths = [f"/metrics/job/moving/i/{i}" for i in range(20)]
         for path in paths:
             assert call(host.url + path)[0] == 200, host.error_log()[-1500:]
-        for path in paths:
-            assert holders(pgws, parse_push_path(path)) == [ring.owner(parse_push_path(path)).name]
+        assert on_their_owners(pgws, paths)
         assert relay.steps_elsewhere >= 40  # get_raw_path and set_target, each on a new connection
-    finally:
-        host.stop()
-        relay.stop()
-        server.stop()
 
 
 def test_answers_arriving_in_pieces_are_read_to_their_end(pushgateways):
-    pgws = pushgateways(2)
-    server = PluginServer().start()
-    relay = RPCRelay(server.socket_path, split_answers=True).start()
-    nodes = [p.address for p in pgws]
-    host = NginxHost(relay.path, {"membership": "static", "nodes": nodes}, nodes, workers=1).start()
-    ring = Ring(Member.parse(n) for n in nodes)
-    try:
-        for path in (f"/metrics/job/slow/i/{i}" for i in range(10)):
+    with relayed_stack(pushgateways, workers=1, split_answers=True) as (pgws, relay, host):
+        paths = [f"/metrics/job/slow/i/{i}" for i in range(10)]
+        for path in paths:
             assert call(host.url + path)[0] == 200, host.error_log()[-1500:]
-            assert holders(pgws, parse_push_path(path)) == [ring.owner(parse_push_path(path)).name]
+        assert on_their_owners(pgws, paths)
         assert call(host.url + "/metrics/job/slow/odd")[0] == 400  # an exit's answer, in pieces too
         assert relay.rpcs >= 32
-    finally:
-        host.stop()
-        relay.stop()
-        server.stop()
 
 
 def test_a_config_change_starts_a_new_instance_and_closes_the_old(stack):
