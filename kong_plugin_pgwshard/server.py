@@ -173,27 +173,25 @@ class PgwshardPluginServer(PluginServer):
                 self._finish_after_exit(eid, runner)
             else:
                 self.events[eid] = (runner, time.monotonic())  # waiting for Kong's Step
-        else:
-            self._park(eid, runner, data)
-        return {"Data": data, "EventId": eid}
+            return {"Data": data, "EventId": eid}
+        self._ended(eid, runner, data)
+        if type(data) is _Raised:  # an answer instead of leaving Kong waiting on its socket
+            raise PluginServerException(f"the plugin raised {data.error!r}")
+        return {"Data": RET, "EventId": eid}
 
-    def _park(self, eid: int, runner: greenlet, end: Any) -> None:
-        """The phase ended (RET or _Raised): keep its runner for another event."""
+    def _ended(self, eid: int, runner: greenlet, end: Any) -> None:
+        """The phase ended (RET or _Raised): log a raise, keep the runner for another event."""
+        if type(end) is _Raised:
+            self.logger.error(f"event #{eid}: the plugin raised: {end.trace}")
         if len(self._idle) < IDLE_RUNNERS:
             self._idle.append(runner)
-        if type(end) is _Raised:  # an answer instead of leaving Kong waiting on its socket
-            self.logger.error(f"event #{eid}: the plugin raised: {end.trace}")
-            raise PluginServerException(f"the plugin raised {end.error!r}")
 
     def _finish_after_exit(self, eid: int, runner: greenlet) -> None:
         # Kong sends nothing more for this event. Let the phase run on to its end, as kong-pdk
         # does; a PDK call after the exit is never answered, so that runner is dropped and freed.
         end = runner.switch(None)
         if type(end) is not dict:
-            try:
-                self._park(eid, runner, end)
-            except PluginServerException:  # the exit is already Kong's answer
-                pass
+            self._ended(eid, runner, end)
 
 
 _CAMEL = re.compile("([a-z])([A-Z])")
