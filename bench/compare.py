@@ -13,9 +13,11 @@ pay more than linearly). On a machine where all of it shares a few cores, the CP
 which part the throughput was spent on.
 
 Groups are preloaded with the consistency check off (fast), then the same pushgateways restart
-on their persistence files with the check on, as in production.
+on their persistence files with the check on, as in production (with --no-consistency-check they
+keep it off, so that the front's own cost decides the throughput).
 
 usage: python bench/compare.py [--groups 100,2000,4000,10000] [--shards 1,2,4] [--seconds 10] [--repeat 3]
+                               [--modes direct,native,plugin] [--connections 16] [--no-consistency-check]
 """
 from __future__ import annotations
 

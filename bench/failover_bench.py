@@ -4,7 +4,7 @@ leaving it out, with a real Consul (HTTP check every 1 s) and the real pgwshard-
 Prints each trial, p50/p99 (goal: p99 <= 3 s), and the daemon's idle CPU over a quiet window,
 read from /proc/<pid>/stat.
 
-    /tmp/venv/bin/python bench/failover_bench.py [--trials 20] [--idle-seconds 30]
+    python bench/failover_bench.py [--trials 20] [--idle-seconds 30]
 
 The clock stops when the file_sd file (which the plugin's file membership reads) no longer
 lists the killed instance; the Kong Admin sink is written in the same pass.

@@ -3,7 +3,7 @@
 Prints: preload time, groups moved, seconds to converge, duplicates left (must be 0), and the
 throughput of live pushes (routed by the new ring) before and during the rebalance.
 
-    /tmp/venv/bin/python bench/rebalance_bench.py [--groups 10000] [--max-ops 50]
+    python bench/rebalance_bench.py [--groups 10000] [--max-ops 50]
 
 Instances are realistic (consistency check on, as shipped), so the preload is a PUT per group
 with a few concurrent clients; it is timed and printed too.
