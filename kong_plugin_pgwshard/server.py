@@ -22,7 +22,8 @@ never tells a plugin its instance closed): pgwshard stops the membership poller 
 The loop waits on Kong only in one case: it reads only readable sockets, and answers are a few
 hundred bytes, far below a unix socket's buffer, so a send waits (at most SEND_TIMEOUT_SECONDS)
 only when a peer stopped reading. A plugin phase must not block either (pgwshard's does
-no I/O). Like kong-pdk's server it exits when its parent (Kong) is gone.
+no I/O); StartInstance does block the loop while a new instance makes its first membership
+read (`membership: upstream`: the Admin API, 2 s at most, once per shared source). Like kong-pdk's server it exits when its parent (Kong) is gone.
 """
 from __future__ import annotations
 
@@ -116,7 +117,7 @@ class PgwshardPluginServer(PluginServer):
     """kong-pdk's PluginServer whose events run in pooled greenlets driven by the RPC loop."""
 
     def __init__(self, loglevel: int = Logger.WARNING):
-        super().__init__(loglevel=loglevel, name=f"{NAME} version {plugin.version}", lua_style=False)
+        super().__init__(loglevel=loglevel, name=f"{NAME} version {plugin.version}")
         self._idle: list[greenlet] = []
 
     def handle_event(self, event: dict) -> dict:
@@ -129,12 +130,6 @@ class PgwshardPluginServer(PluginServer):
         self.event_id = eid + 1
         runner = self._idle.pop() if self._idle else greenlet(_phase_runner)
         return self._advance(eid, runner, phase)
-
-    def step(self, data: dict) -> dict:
-        return self._step(data, False)
-
-    def step_error(self, data: dict) -> dict:
-        return self._step(data, True)
 
     def expire_events(self, now: float) -> None:
         """Forget events Kong stopped stepping (a worker killed mid-request), so they cannot pile
@@ -156,7 +151,7 @@ class PgwshardPluginServer(PluginServer):
                 self.logger.error(f"closing instance #{iid}: {traceback.format_exc()}")
         return answer
 
-    def _step(self, data: dict, is_error: bool) -> dict:
+    def _step(self, data: dict, is_error: bool) -> dict:  # kong-pdk's step and step_error call this
         eid = data["EventId"]
         runner, _ = self.events.pop(eid, (None, 0.0))
         if runner is None:
@@ -329,16 +324,19 @@ def _send(conn: socket.socket, data: bytes) -> None:
             conn.setblocking(False)
 
 
-def build_server(verbose: int = 1) -> PgwshardPluginServer:
+class _Definition:
+    """The plugin as kong-pdk's Module reads it."""
+
+    Plugin = plugin.Plugin
+    Schema = plugin.Schema
+    version = plugin.version
+    priority = plugin.priority
+
+
+def build_server(verbose: int = 1, definition: type = _Definition) -> PgwshardPluginServer:
+    """The server with pgwshard's plugin, or another definition's under its name (for tests)."""
     server = PgwshardPluginServer(loglevel=Logger.WARNING - verbose)
-
-    class _Definition:
-        Plugin = plugin.Plugin
-        Schema = plugin.Schema
-        version = plugin.version
-        priority = plugin.priority
-
-    server.plugins[NAME] = Module(NAME, module=_Definition)
+    server.plugins[NAME] = Module(NAME, module=definition)
     return server
 
 

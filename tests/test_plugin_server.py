@@ -17,7 +17,7 @@ from kong_pdk.exception import PluginServerException
 from kong_plugin_pgwshard.grouping import parse_push_path
 from kong_plugin_pgwshard.ring import Member, Ring
 from tests.support.kong_rpc import KongRPC, Request, RPCError, run_access
-from tests.support.processes import REPO, wait_until
+from tests.support.processes import REPO, proc_stat, wait_until
 
 NODES = ["127.0.0.1:9101", "127.0.0.1:9102", "127.0.0.1:9103"]
 RING = Ring(Member.parse(n) for n in NODES)
@@ -216,8 +216,7 @@ def test_the_server_exits_when_kong_is_gone(tmp_path):
 
 def _is_zombie(pid):
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        return proc_stat(pid)[0] == "Z"
     except FileNotFoundError:
         return True
 

@@ -44,14 +44,10 @@ class Plugin:
 
 
 def serve_with_pgwshard_plugin(prefix: str) -> None:
-    from kong_pdk.module import Module
+    from kong_plugin_pgwshard.server import NAME, RPCServer, build_server
 
-    from kong_plugin_pgwshard.server import PgwshardPluginServer, RPCServer
-
-    server = PgwshardPluginServer()
     definition = type("probe", (), {"Plugin": Plugin, "Schema": [], "version": "0.0.1", "priority": 0})
-    server.plugins["pgwshard"] = Module("pgwshard", module=definition)
-    RPCServer(server, os.path.join(prefix, "pgwshard.sock")).serve_forever()
+    RPCServer(build_server(definition=definition), os.path.join(prefix, f"{NAME}.sock")).serve_forever()
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
         return err.code, err.read()
 
 
-def _stat(pid: int) -> list[str]:
+def proc_stat(pid: int) -> list[str]:
     """/proc/<pid>/stat from its third field (state) on: the command name before it may hold
     spaces."""
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -66,7 +66,7 @@ def _stat(pid: int) -> list[str]:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU a process has used, from /proc (for benchmarks)."""
-    fields = _stat(pid)  # utime and stime are fields 14 and 15
+    fields = proc_stat(pid)  # utime and stime are fields 14 and 15
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -76,7 +76,7 @@ def child_pids(pid: int) -> list[int]:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if int(_stat(int(entry.name))[1]) == pid:  # ppid is field 4
+                if int(proc_stat(int(entry.name))[1]) == pid:  # ppid is field 4
                     children.append(int(entry.name))
             except (OSError, ValueError, IndexError):
                 pass  # gone meanwhile
