@@ -35,10 +35,17 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from tests.support.processes import (ManagedProcess, Pushgateway, child_pids, cpu_seconds, free_port, http_get,  # noqa: E402
-                                     temp_dir, wait_until)
+from kong_plugin_pgwshard.harness.processes import (
+    ManagedProcess,
+    Pushgateway,
+    child_pids,
+    cpu_seconds,
+    free_port,
+    http_get,
+    temp_dir,
+    wait_until,
+)
 
 BODY = b"# TYPE bench_last_success gauge\nbench_last_success 1\n# TYPE bench_items counter\nbench_items 42\n"
 NO_CHECK = ["--push.disable-consistency-check"]
@@ -162,7 +169,7 @@ def start_front(mode: str, pgws: list[Pushgateway]):
     if mode == "native":
         return NativeHashNginx([p.address for p in pgws]).start()
     if mode == "plugin":
-        from tests.support.nginx_host import PluginHostStack
+        from kong_plugin_pgwshard.harness.nginx import PluginHostStack
         return PluginHostStack([p.address for p in pgws]).start()
     raise ValueError(mode)
 

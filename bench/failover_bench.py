@@ -21,9 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tests.support.processes import Consul, Pushgateway, cpu_seconds, free_port, wait_until  # noqa: E402
+from kong_plugin_pgwshard.harness.processes import (
+    Consul,
+    Pushgateway,
+    cpu_seconds,
+    free_port,
+    wait_until,
+)
 
 
 def members(path: Path) -> set[str] | None:
@@ -62,7 +66,7 @@ def main() -> None:
         "log": {"level": "warning"},
     }))
     daemon_log = open(work / "daemon.log", "wb")
-    daemon = subprocess.Popen([sys.executable, "-m", "kong_plugin_pgwshard.daemon", "--config", str(config)],
+    daemon = subprocess.Popen([sys.executable, "-m", "kong_plugin_pgwshard.sync.daemon", "--config", str(config)],
                               stdout=daemon_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     everyone = {p.address for p in pgws}
     seconds: list[float] = []

@@ -18,13 +18,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from tests.support.kong_rpc import KongRPC, Request, run_access  # noqa: E402
-from tests.support.processes import PluginServer, cpu_seconds  # noqa: E402
+from kong_plugin_pgwshard.harness.kong_rpc import KongRPC, Request, run_access
+from kong_plugin_pgwshard.harness.processes import PluginServer, cpu_seconds
 
 CASES = {"push": "/metrics/job/x/instance/i1", "read": "/metrics", "rejected": "/metrics/job/x/odd"}
-STOCK = ("import sys; sys.path.insert(0, '.'); from kong_pdk.cli import start_dedicated_server; from kong_plugin_pgwshard import plugin; "
+STOCK = ("from kong_pdk.cli import start_dedicated_server; from kong_plugin_pgwshard.plugin import handler as plugin; "
          "start_dedicated_server('pgwshard', plugin.Plugin, plugin.version, plugin.priority, plugin.Schema)")
 
 

@@ -12,19 +12,15 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kong_plugin_pgwshard.grouping import GroupingKey  # noqa: E402
-from kong_plugin_pgwshard.pushgateway_client import PushgatewayClient  # noqa: E402
-from kong_plugin_pgwshard.rebalance import Rebalancer  # noqa: E402
-from kong_plugin_pgwshard.ring import Member, Ring  # noqa: E402
-from tests.support.processes import Pushgateway  # noqa: E402
+from kong_plugin_pgwshard.clients.pushgateway import PushgatewayClient
+from kong_plugin_pgwshard.core.grouping import GroupingKey
+from kong_plugin_pgwshard.core.ring import Member, Ring
+from kong_plugin_pgwshard.harness.processes import Pushgateway
+from kong_plugin_pgwshard.rebalance.rebalancer import Rebalancer
 
 
 def body(n: int) -> str:

@@ -7,15 +7,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kong_plugin_pgwshard.grouping import parse_push_path  # noqa: E402
-from kong_plugin_pgwshard.ring import Member, Ring  # noqa: E402
+from kong_plugin_pgwshard.core.grouping import parse_push_path
+from kong_plugin_pgwshard.core.ring import Member, Ring
 
 
 def members(n: int) -> list[Member]:

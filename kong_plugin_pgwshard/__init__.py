@@ -2,9 +2,15 @@
 
 __version__ = "0.1.0"
 
-from .errors import ConfigError, GroupingKeyError, NoMembersError, PgwshardError, UpstreamError  # noqa: E402
-from .grouping import GroupingKey, parse_push_path  # noqa: E402
-from .ring import Member, Ring  # noqa: E402
+from .core.grouping import GroupingKey, parse_push_path  # noqa: E402
+from .core.ring import Member, Ring  # noqa: E402
+from .errors import (  # noqa: E402
+    ConfigError,
+    GroupingKeyError,
+    NoMembersError,
+    PgwshardError,
+    UpstreamError,
+)
 
 __all__ = [
     "__version__",

@@ -11,11 +11,11 @@ import argparse
 import os
 import sys
 
+from .core.file_sd import read_file_sd
+from .core.grouping import parse_push_path
+from .core.ring import Member, Ring
 from .errors import GroupingKeyError, NoMembersError
-from .grouping import parse_push_path
-from .membership import read_file_sd
-from .rebalance import Rebalancer
-from .ring import Member, Ring
+from .rebalance.rebalancer import Rebalancer
 
 NODES_ENV = "PGWSHARD_NODES"
 

@@ -6,7 +6,8 @@ import threading
 
 import pytest
 
-from tests.support.processes import Consul, Pushgateway, consul_binary
+from kong_plugin_pgwshard.harness.processes import Consul, Pushgateway, consul_binary
+from kong_plugin_pgwshard.harness.prometheus import Prometheus
 
 
 @pytest.fixture
@@ -48,7 +49,7 @@ def consul():
 @pytest.fixture
 def plugin_server_factory():
     """Factory: plugin_server_factory() starts the real pgwshard-plugin; stopped afterwards."""
-    from tests.support.processes import PluginServer
+    from kong_plugin_pgwshard.harness.processes import PluginServer
 
     started = []
 
@@ -77,3 +78,18 @@ def kong_admin():
     yield start
     for double in started:
         double.stop()
+
+
+@pytest.fixture
+def prometheus():
+    """Factory: prometheus(targets) starts a real Prometheus; it is stopped afterwards."""
+    started: list[Prometheus] = []
+
+    def start(targets: list[str]) -> Prometheus:
+        prom = Prometheus(targets)
+        started.append(prom)
+        return prom.start()
+
+    yield start
+    for prom in started:
+        prom.stop()

@@ -18,11 +18,17 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 
-from tests.support.nginx_host import NginxHost  # noqa: E402
-from tests.support.processes import ManagedProcess, PluginServer, Pushgateway, free_port, temp_dir, wait_until  # noqa: E402
-from tests.support.prometheus import Prometheus  # noqa: E402
+from kong_plugin_pgwshard.harness.nginx import NginxHost
+from kong_plugin_pgwshard.harness.processes import (
+    ManagedProcess,
+    PluginServer,
+    Pushgateway,
+    free_port,
+    temp_dir,
+    wait_until,
+)
+from kong_plugin_pgwshard.harness.prometheus import Prometheus
 
 SAMPLES = ["/metrics/job/backup/instance/db-1", "/metrics/job/backup/instance/db-2",
            "/metrics/job/backup/instance/db-3", "/metrics/job/etl/stage/extract", "/metrics/job/etl/stage/load",
@@ -53,7 +59,7 @@ def main() -> None:
             "rebalance": {"enabled": True, "interval": "30s"},
             "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
         }))
-        daemon = ManagedProcess("pgwshard-sync", [sys.executable, "-m", "kong_plugin_pgwshard.daemon",
+        daemon = ManagedProcess("pgwshard-sync", [sys.executable, "-m", "kong_plugin_pgwshard.sync.daemon",
                                                   "--config", str(config)])
         parts.append(daemon.start())
         wait_until(lambda: members_file.exists() and len(json.loads(members_file.read_text())[0]["targets"]) == 3,
@@ -95,7 +101,7 @@ def main() -> None:
 
 
 def _matches(group: dict, key_text: str) -> bool:
-    from kong_plugin_pgwshard.grouping import GroupingKey
+    from kong_plugin_pgwshard.core.grouping import GroupingKey
     return str(GroupingKey.from_labels(group["labels"])) == key_text
 
 

@@ -44,7 +44,7 @@ class Plugin:
 
 
 def serve_with_pgwshard_plugin(prefix: str) -> None:
-    from kong_plugin_pgwshard.server import NAME, RPCServer, build_server
+    from kong_plugin_pgwshard.plugin.server import NAME, RPCServer, build_server
 
     definition = type("probe", (), {"Plugin": Plugin, "Schema": [], "version": "0.0.1", "priority": 0})
     RPCServer(build_server(definition=definition), os.path.join(prefix, f"{NAME}.sock")).serve_forever()

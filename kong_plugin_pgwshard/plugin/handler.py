@@ -1,0 +1,82 @@
+"""The Kong plugin: send each push to the pushgateway that owns its grouping key.
+
+Every PDK call is a round trip between Kong and this process, so a request makes as few as the
+job allows: one to read the raw path, then one `set_target` (a push), one `exit` (a bad push
+path or no members) or none (anything else). The method is not read: a push path is routed to
+its owner whatever the method, and the owner answers a GET there with its own 405, exactly as a
+lone Pushgateway would; that saves a round trip on every push.
+
+Pushes repeat (a fleet pushes the same groups every interval), so each push path's owner is
+remembered for the ring it was computed on: a repeated push skips parsing and hashing.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .. import __version__
+from ..core.grouping import parse_push_path
+from ..core.ring import Member, Ring
+from ..errors import GroupingKeyError, NoMembersError
+from .config import SCHEMA, PluginConfig
+from .membership import membership_for, release
+
+NAME = "pgwshard"  # the plugin's name in kong.conf's `plugins` and in kong.yml
+Schema = SCHEMA
+version = __version__
+# After authentication (1000+) and rate limiting (910), before request-transformer (801) and the
+# logging plugins: a rejected or throttled push never reaches a pushgateway.
+priority = 850
+# Push paths whose owner is remembered; at the bound the memo starts afresh, so a stream of
+# distinct paths costs a few MB at most.
+OWNER_MEMO_SIZE = 16384
+
+
+class Plugin:
+    """One instance per plugin config (Kong starts a new one when the config changes)."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = PluginConfig.from_kong(config)  # ConfigError names the field
+        self.membership = membership_for(self.config)
+        self._memo_ring: Ring | None = None
+        self._owners: dict[str, Member] = {}
+
+    def close(self) -> None:
+        """Kong closed this instance (pgwshard-plugin calls this; kong-pdk's own server does not)."""
+        release(self.membership)
+
+    def access(self, kong: Any) -> None:
+        # An exception escaping here would leave Kong waiting on its socket until it times out.
+        try:
+            path = kong.request.get_raw_path()
+            try:
+                owner = self._owner(path)
+                if owner is None:
+                    return  # reads and other paths: the route's own upstream balancing
+            except GroupingKeyError as err:
+                kong.response.exit(400, {"message": f"pgwshard: bad push path: {err}"})
+                return
+            except NoMembersError as err:
+                kong.response.exit(503, {"message": f"pgwshard: {err}"})
+                return
+            kong.service.set_target(owner.host, owner.port)
+        except Exception as err:  # noqa: BLE001 - the last line of defence, see above
+            try:
+                kong.log.err(f"pgwshard: unexpected error: {err!r}")
+                kong.response.exit(500, {"message": "pgwshard: internal error, see the gateway's error log"})
+            except Exception:  # noqa: BLE001 - the gateway connection itself is gone
+                pass
+
+    def _owner(self, path: str) -> Member | None:
+        ring = self.membership.ring()
+        if ring is not self._memo_ring:  # membership changed: owners may have too
+            self._memo_ring, self._owners = ring, {}
+        owner = self._owners.get(path)
+        if owner is None:
+            key = parse_push_path(path, self.config.route_prefix)
+            if key is None:
+                return None
+            owner = ring.owner(key)
+            if len(self._owners) >= OWNER_MEMO_SIZE:
+                self._owners = {}
+            self._owners[path] = owner
+        return owner

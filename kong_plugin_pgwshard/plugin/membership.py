@@ -1,0 +1,162 @@
+"""Where the plugin's ring comes from.
+
+`ring()` is called on every request: it returns the current immutable Ring and does no I/O and
+takes no lock. Daemon-fed sources refresh in one background thread per source, shared by every
+plugin instance that names the same source (Kong starts a new instance on each config change).
+A failed refresh keeps the last good ring; a successful read of an empty list empties it (the
+plugin then answers 503), because pgwshard-sync only writes an empty set when nothing is healthy.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+from ..clients.kong import KongAdmin
+from ..core.file_sd import read_file_sd
+from ..core.ring import Member, Ring
+from ..errors import UpstreamError
+from .config import PluginConfig
+
+log = logging.getLogger("pgwshard.membership")
+
+
+class Membership(Protocol):
+    def ring(self) -> Ring: ...
+
+
+class StaticMembership:
+    """Members fixed in the plugin config."""
+
+    def __init__(self, members: tuple[Member, ...]):
+        self._ring = Ring(members)
+
+    def ring(self) -> Ring:
+        return self._ring
+
+
+class PolledMembership:
+    """Members read by `fetch()` every `interval` seconds in a background thread."""
+
+    def __init__(self, name: str, fetch: Callable[[], list[Member]], interval: float):
+        self.name = name
+        self._fetch = fetch
+        self._interval = interval
+        self._ring = Ring()
+        self._stop = threading.Event()
+        self.refresh()  # the first read happens at instance start, not on a request
+        self._thread = threading.Thread(target=self._run, name=f"pgwshard-membership {name}", daemon=True)
+        self._thread.start()
+
+    def ring(self) -> Ring:
+        return self._ring
+
+    def refresh(self) -> bool:
+        """Read the members once; on error keep the last good ring. Returns success."""
+        try:
+            members = self._fetch()
+        except (UpstreamError, OSError, ValueError) as err:
+            log.warning("membership %s: read failed, keeping %d members: %s", self.name, len(self._ring), err)
+            return False
+        ring = Ring(members)
+        if ring != self._ring:
+            old = {m.name for m in self._ring.members}
+            new = {m.name for m in ring.members}
+            log.warning("membership %s: now %d members (added %s, removed %s)", self.name, len(ring),
+                        _names(new - old), _names(old - new))
+            self._ring = ring
+        return True
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 - a dead poller would freeze the ring for good
+                log.exception("membership %s: refresh crashed, keeping %d members", self.name, len(self._ring))
+
+
+def _names(names: set[str], shown: int = 20) -> str:
+    """A change for the log: the first `shown` names, so a first read of a big upstream stays one short line."""
+    if not names:
+        return "none"
+    ordered = sorted(names)
+    more = f" and {len(ordered) - shown} more" if len(ordered) > shown else ""
+    return f"{ordered[:shown]}{more}"
+
+
+def read_upstream_targets(admin_url: str, upstream: str, token: str | None, timeout: float = 2.0) -> list[Member]:
+    """The targets of a Kong upstream, following the Admin API's pagination."""
+    admin = KongAdmin(admin_url, token, timeout)  # the one Admin API client (no logging, no token in errors)
+    try:
+        targets = [(t["target"], int(t.get("weight", 100))) for t in admin.targets(upstream)]
+    except (KeyError, TypeError, ValueError) as err:
+        raise UpstreamError(f"upstream {upstream} at {admin_url}: malformed target entity: {err}") from None
+    # weight 0 is Kong's "receives no traffic": such a target owns no groups either
+    return [Member.parse(target, weight) for target, weight in targets if weight > 0]
+
+
+class UpstreamMembership(PolledMembership):
+    """Follows a Kong upstream's targets through the (local) Admin API."""
+
+    def __init__(self, admin_url: str, upstream: str, token: str | None, interval: float, timeout: float = 2.0):
+        super().__init__(f"upstream {upstream} at {admin_url}",
+                         lambda: read_upstream_targets(admin_url, upstream, token, timeout), interval)
+
+
+class FileMembership(PolledMembership):
+    """Follows the file_sd JSON file pgwshard-sync's FileSdSink writes."""
+
+    def __init__(self, path: str, interval: float):
+        super().__init__(f"file {path}", lambda: read_file_sd(path), interval)
+
+
+class _SharedSources:
+    """Polled sources shared by the instances naming the same one. Each instance acquires its
+    source and releases it when Kong closes the instance; the last release stops the poller, so
+    config changes (a rotated token, a new interval) do not leave pollers behind."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sources: dict[tuple, tuple[PolledMembership, int]] = {}
+
+    def acquire(self, key: tuple, start: Callable[[], PolledMembership]) -> PolledMembership:
+        with self._lock:
+            source, users = self._sources.get(key) or (start(), 0)
+            self._sources[key] = (source, users + 1)
+            return source
+
+    def release(self, source: Membership) -> None:
+        with self._lock:
+            for key, (shared, users) in self._sources.items():
+                if shared is source:
+                    if users > 1:
+                        self._sources[key] = (shared, users - 1)
+                    else:
+                        del self._sources[key]
+                        shared.close()
+                    return
+
+
+_shared = _SharedSources()
+
+
+def membership_for(config: PluginConfig) -> Membership:
+    """The membership source a plugin config names, shared with instances naming the same one.
+    Give it back with `release` when the instance closes."""
+    if config.membership == "static":
+        return StaticMembership(config.nodes)
+    if config.membership == "file":
+        return _shared.acquire(("file", config.membership_file, config.refresh_interval),
+                               lambda: FileMembership(config.membership_file, config.refresh_interval))
+    return _shared.acquire(
+        ("upstream", config.admin_url, config.upstream, config.admin_token, config.refresh_interval),
+        lambda: UpstreamMembership(config.admin_url, config.upstream, config.admin_token, config.refresh_interval))
+
+
+def release(membership: Membership) -> None:
+    """An instance is done with its source; static ones need nothing."""
+    _shared.release(membership)

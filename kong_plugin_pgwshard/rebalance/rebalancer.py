@@ -1,0 +1,355 @@
+"""Move groups to the instance that owns them on the ring, without restarting anything.
+
+One reconciliation lists the groups on every reachable pushgateway, asks the ring (the very
+ring the plugin routes with) who owns each, and for every copy on a non-owner decides:
+
+- the owner holds a copy at least as new  -> delete the stale copy;
+- otherwise the newest copy is PUT on the owner (after re-checking the owner right before),
+  then deleted from where it was; other, older copies are deleted;
+- the newest version this rebalancer ever saw of the group is gone from the instance that held
+  it (a client deleted it there)  -> the older copies are stale remains: delete them, never copy.
+
+"Newest" compares when the data was pushed by a client: a copy made by the rebalancer carries
+the original push time in MARKER_FAMILY (and its own time in MOVED_FAMILY), because Pushgateway
+stamps push_time_seconds itself and ignores a pushed one. docs/rebalancing.md explains this, the
+alert expression that stays honest, and the window that remains.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from ..clients.pushgateway import Group, PushgatewayClient
+from ..core.grouping import GroupingKey
+from ..core.ring import Member, Ring
+from ..errors import NoMembersError, UpstreamError
+from .exposition import families_to_text
+
+MARKER_FAMILY = "pgwshard_original_push_time_seconds"
+MARKER_HELP = "Last Unix time a client pushed this group, kept when pgwshard moved the group."
+MOVED_FAMILY = "pgwshard_moved_time_seconds"
+MOVED_HELP = "Unix time pgwshard copied this group here; push_time_seconds is then this copy's."
+# push_time_seconds of a fresh copy trails MOVED_FAMILY by the PUT's latency (and clock skew).
+MARKER_SLACK_SECONDS = 10.0
+
+COPY = "copy"
+DELETE = "delete"
+SKIP = "skip"
+
+
+@dataclass(frozen=True)
+class Move:
+    """One planned step for one copy of a group."""
+
+    key: GroupingKey
+    source: str          # instance holding the copy
+    target: str          # the group's owner
+    action: str          # COPY (then delete from source), DELETE the copy, or SKIP for now
+    reason: str
+    pushed_at: float     # when a client pushed the data of this copy
+
+
+@dataclass
+class ReconcileReport:
+    """What one reconciliation did."""
+
+    moved: int = 0
+    deleted: int = 0
+    skipped: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    # Longest time from re-checking an owner to the end of a PUT on it: the window in which a
+    # client's push to the owner could still be overwritten by an older copy.
+    window_seconds: float = 0.0
+    unreachable: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        text = (f"moved={self.moved} deleted={self.deleted} skipped={self.skipped} "
+                f"failed={self.failed} seconds={self.seconds:.3f}")
+        if self.unreachable:
+            text += " unreachable=" + ",".join(self.unreachable)
+        return text
+
+
+@dataclass(frozen=True)
+class _Seen:
+    pushed_at: float
+    instance: str
+
+
+class Rebalancer:
+    """Reconciles group placement with a ring; keeps what it learned between calls.
+
+    settings: an object or mapping with max_ops_per_second (the config's `rebalance` section);
+    plain keyword arguments override it. max_ops_per_second paces every PUT and DELETE so a
+    rebalance leaves the instances free for live pushes. recheck_max_age bounds how old the
+    owner listing may be when a copy is PUT on it (one listing serves several PUTs).
+    """
+
+    def __init__(self, settings: Any = None, *, max_ops_per_second: float | None = None,
+                 timeout: float = 5.0, recheck_max_age: float = 1.0,
+                 registry: CollectorRegistry | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
+        if max_ops_per_second is None:
+            max_ops_per_second = _setting(settings, "max_ops_per_second", 50.0)
+        if not max_ops_per_second > 0:
+            raise ValueError("max_ops_per_second must be > 0")
+        self.max_ops_per_second = float(max_ops_per_second)
+        self.timeout = timeout
+        self.recheck_max_age = recheck_max_age
+        self._clock = clock
+        self._sleep = sleep
+        self._next_op = 0.0
+        self._clients: dict[str, PushgatewayClient] = {}
+        # Newest client push seen per group, and where: the evidence that a group was deleted.
+        self._newest: dict[GroupingKey, _Seen] = {}
+        self.unreachable: list[str] = []
+        self._moved = Counter("pgwshard_rebalance_groups_moved", "Groups copied to their owner.",
+                              registry=registry)
+        self._deleted = Counter("pgwshard_rebalance_groups_deleted",
+                                "Stale group copies deleted from non-owners.", registry=registry)
+        self._skipped = Counter("pgwshard_rebalance_groups_skipped",
+                                "Groups left for a later pass (owner unreachable).", registry=registry)
+        self._failed = Counter("pgwshard_rebalance_groups_failed",
+                               "Group copies or deletes that failed.", registry=registry)
+        self._seconds = Histogram("pgwshard_rebalance_seconds", "Seconds per reconciliation.",
+                                  buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900), registry=registry)
+
+    def plan(self, ring: Ring, instances: Iterable[Member | str] = ()) -> list[Move]:
+        """List every reachable instance and return the steps a reconciliation would take.
+
+        Changes nothing on any instance. Unreachable instances are named in self.unreachable.
+        """
+        return self._plan(ring, self._survey(ring, instances))
+
+    def reconcile(self, ring: Ring, instances: Iterable[Member | str] = ()) -> ReconcileReport:
+        """Run one reconciliation: every group ends on its owner only, newest copy kept.
+
+        instances: every known pushgateway (ring members are added), so groups drain from an
+        instance that left the ring while it is still reachable. Errors are counted in the
+        report, never raised: what failed stays where it is and is retried next time.
+        """
+        started = self._clock()
+        report = ReconcileReport()
+        holdings = self._survey(ring, instances)
+        report.unreachable = list(self.unreachable)
+        # One owner at a time, so one listing of it serves the re-check of several PUTs (listing
+        # 2,000 groups costs ~140 ms, a PUT ~25 ms). The sort is stable: a group's steps keep order.
+        moves = sorted(self._plan(ring, holdings), key=lambda m: m.target)
+        owner_listing: dict[str, tuple[float, dict[GroupingKey, Group]]] = {}
+        dead_owners: set[str] = set()
+        for move in moves:
+            if move.action == SKIP or move.target in dead_owners:
+                report.skipped += 1
+                continue
+            if move.action == DELETE and move.source != move.target:
+                self._delete(move, report)
+                continue
+            try:
+                listed_at, owner_now = self._owner_listing(move.target, owner_listing)
+            except UpstreamError as exc:
+                dead_owners.add(move.target)
+                report.unreachable.append(move.target)
+                report.errors.append(str(exc))
+                report.skipped += 1
+                continue
+            current = owner_now.get(move.key)
+            if move.action == DELETE:  # a stale copy on the owner itself: only if still unchanged
+                if current is not None and _pushed_at(current) == move.pushed_at:
+                    self._delete(move, report)
+                continue
+            if current is not None and _pushed_at(current) >= move.pushed_at:
+                # A client pushed to the owner since the survey: its copy wins.
+                self._delete(move, report)
+                continue
+            group = holdings[move.source][move.key]
+            try:
+                self._pace()
+                self._client(move.target).put_group(move.key, _copy_text(group))
+            except UpstreamError as exc:
+                report.failed += 1
+                report.errors.append(str(exc))
+                self._remove_husk(move)
+                continue
+            owner_now[move.key] = group
+            report.window_seconds = max(report.window_seconds, self._clock() - listed_at)
+            self._remember(move.key, move.pushed_at, move.target, moved=True)
+            report.moved += 1
+            self._delete(move, report, count=False)
+        report.seconds = self._clock() - started
+        self._moved.inc(report.moved)
+        self._deleted.inc(report.deleted)
+        self._skipped.inc(report.skipped)
+        self._failed.inc(report.failed)
+        self._seconds.observe(report.seconds)
+        return report
+
+    # -- listing and deciding (no writes) -------------------------------------------------
+
+    def _survey(self, ring: Ring, instances: Iterable[Member | str]) -> dict[str, dict[GroupingKey, Group]]:
+        names = {_name(i) for i in instances} | {m.name for m in ring.members}
+        holdings: dict[str, dict[GroupingKey, Group]] = {}
+        self.unreachable = []
+        for name in sorted(names):
+            try:
+                holdings[name] = {g.key: g for g in self._client(name).groups()}
+            except UpstreamError:
+                self.unreachable.append(name)
+        self._learn(holdings)
+        return holdings
+
+    def _learn(self, holdings: Mapping[str, Mapping[GroupingKey, Group]]) -> None:
+        present: set[GroupingKey] = set()
+        for name, groups in holdings.items():
+            for key, group in groups.items():
+                present.add(key)
+                self._remember(key, _pushed_at(group), name)
+        if not self.unreachable:
+            # Every instance answered: groups found nowhere need no memory any more.
+            for key in [k for k in self._newest if k not in present]:
+                del self._newest[key]
+
+    def _remember(self, key: GroupingKey, pushed_at: float, instance: str, moved: bool = False) -> None:
+        seen = self._newest.get(key)
+        # A moved copy is as new as its source and now lives on the owner: point there.
+        if seen is None or pushed_at > seen.pushed_at or (moved and pushed_at == seen.pushed_at):
+            self._newest[key] = _Seen(pushed_at, instance)
+
+    def _plan(self, ring: Ring, holdings: Mapping[str, Mapping[GroupingKey, Group]]) -> list[Move]:
+        copies: dict[GroupingKey, dict[str, Group]] = {}
+        for name, groups in holdings.items():
+            for key, group in groups.items():
+                copies.setdefault(key, {})[name] = group
+        moves: list[Move] = []
+        for key in sorted(copies, key=str):
+            try:
+                owner = ring.owner(key).name
+            except NoMembersError:
+                return []  # nobody to move to: leave everything where it is
+            moves += self._plan_group(key, owner, copies[key])
+        return moves
+
+    def _plan_group(self, key: GroupingKey, owner: str, copies: Mapping[str, Group]) -> list[Move]:
+        strays = {name: g for name, g in copies.items() if name != owner}
+        at_owner = copies.get(owner)
+        seen = self._newest.get(key)
+        if not strays:
+            if (at_owner is not None and seen is not None and seen.pushed_at > _pushed_at(at_owner)
+                    and seen.instance not in self.unreachable):
+                # e.g. the owner came back with an old copy of a group deleted while it was away
+                return [Move(key, owner, owner, DELETE, "group was deleted after a newer push",
+                             _pushed_at(at_owner))]
+            return []
+
+        def step(name: str, action: str, reason: str) -> Move:
+            return Move(key, name, owner, action, reason, _pushed_at(strays[name]))
+
+        if owner in self.unreachable:
+            return [step(name, SKIP, "owner unreachable") for name in sorted(strays)]
+        newest = max(sorted(strays), key=lambda name: _pushed_at(strays[name]))
+        newest_at = _pushed_at(strays[newest])
+        if at_owner is not None and _pushed_at(at_owner) >= newest_at:
+            return [step(name, DELETE, "owner holds a newer copy") for name in sorted(strays)]
+        if seen is not None and seen.pushed_at > max(newest_at, _pushed_at(at_owner) if at_owner else 0.0):
+            if seen.instance in self.unreachable:
+                return [step(name, SKIP, f"newer copy on unreachable {seen.instance}")
+                        for name in sorted(strays)]
+            # The newest version we saw is gone from where it was: a client deleted the group.
+            return [step(name, DELETE, "group was deleted after a newer push") for name in sorted(strays)]
+        moves = [step(newest, COPY, "owner lacks it" if at_owner is None else "owner holds an older copy")]
+        moves += [step(name, DELETE, "a newer copy is elsewhere") for name in sorted(strays) if name != newest]
+        return moves
+
+    # -- writes --------------------------------------------------------------------------
+
+    def _owner_listing(self, owner: str, cache: dict[str, tuple[float, dict[GroupingKey, Group]]]
+                       ) -> tuple[float, dict[GroupingKey, Group]]:
+        listed = cache.get(owner)
+        if listed is None or self._clock() - listed[0] > self.recheck_max_age:
+            listed = (self._clock(), {g.key: g for g in self._client(owner).groups()})
+            cache[owner] = listed
+        return listed
+
+    def _remove_husk(self, move: Move) -> None:
+        # A rejected PUT (e.g. a type clash with another group) still leaves an empty group
+        # with push_time_seconds 0 on the owner; remove it, the source keeps the data.
+        try:
+            husk = {g.key: g for g in self._client(move.target).groups()}.get(move.key)
+            if husk is not None and husk.push_time == 0 and not husk.families:
+                self._client(move.target).delete_group(move.key)
+        except UpstreamError:
+            pass  # the next pass sees the husk as an older copy and tries again
+
+    def _delete(self, move: Move, report: ReconcileReport, count: bool = True) -> None:
+        try:
+            self._pace()
+            self._client(move.source).delete_group(move.key)
+        except UpstreamError as exc:
+            report.failed += 1
+            report.errors.append(str(exc))
+            return
+        if count:
+            report.deleted += 1
+
+    def _pace(self) -> None:
+        now = self._clock()
+        if now < self._next_op:
+            self._sleep(self._next_op - now)
+            now = self._next_op
+        self._next_op = now + 1.0 / self.max_ops_per_second
+
+    def _client(self, name: str) -> PushgatewayClient:
+        client = self._clients.get(name)
+        if client is None:
+            client = self._clients[name] = PushgatewayClient(name, timeout=self.timeout)
+        return client
+
+
+def _pushed_at(group: Group) -> float:
+    """When a client pushed this copy's data.
+
+    A copy the rebalancer wrote carries the client's time in MARKER_FAMILY and the copy's own
+    time in MOVED_FAMILY. The marker counts only while push_time_seconds is still the copy's
+    stamp: once a client pushes again (a POST keeps both families), push_time_seconds is newer.
+    """
+    original, moved = _gauge(group, MARKER_FAMILY), _gauge(group, MOVED_FAMILY)
+    if original is not None and moved is not None and group.push_time - moved <= MARKER_SLACK_SECONDS:
+        return original
+    return group.push_time
+
+
+def _gauge(group: Group, name: str) -> float | None:
+    family = group.families.get(name)
+    try:
+        return float(family["metrics"][0]["value"]) if family else None
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+
+
+def _copy_text(group: Group) -> str:
+    families = dict(group.families)
+    families[MARKER_FAMILY] = _gauge_family(MARKER_HELP, _pushed_at(group))
+    families[MOVED_FAMILY] = _gauge_family(MOVED_HELP, time.time())
+    return families_to_text(families, dict(group.key.labels))
+
+
+def _gauge_family(help_text: str, value: float) -> dict[str, Any]:
+    return {"type": "GAUGE", "help": help_text, "metrics": [{"labels": {}, "value": repr(value)}]}
+
+
+def _name(instance: Member | str) -> str:
+    return instance.name if isinstance(instance, Member) else Member.parse(instance).name
+
+
+def _setting(settings: Any, name: str, default: Any) -> Any:
+    if settings is None:
+        return default
+    if isinstance(settings, Mapping):
+        return settings.get(name, default)
+    return getattr(settings, name, default)

@@ -1,0 +1,333 @@
+r"""`pgwshard-sync --config pgwshard.yml`: keep Kong's upstream targets equal to the healthy
+pushgateways, and groups on their owners.
+
+    health source --snapshots--> Damper --applied set--> sinks (Kong, file_sd)
+                                                     \--> Rebalancer (after each change, and
+                                                          every rebalance.interval)
+
+Safety rules: a source error keeps the last known good set (Consul down is not "nobody is
+healthy"); nothing is written before the first good snapshot; a sink that fails is retried with
+the newest set; a member that fails leaves at once, and one that returns rejoins only after
+staying healthy for `membership.hold_down` (damping flaps); a truly empty set is written once it
+has lasted `hold_down` (the plugin then answers 503). `--once` syncs once and exits.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import queue
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+from prometheus_client import CollectorRegistry
+
+from ..core.ring import Member, Ring
+from ..errors import ConfigError, UpstreamError
+from .health import HealthSnapshot, HealthSource
+from .health.consul import ConsulHealth, consul_client
+from .health.probes import ProbeHealth
+from .metrics import DaemonMetrics, serve
+from .settings import Settings, load_settings
+from .sinks import Sink, sinks_from_settings
+
+log = logging.getLogger("pgwshard.sync")
+SINK_RETRY_SECONDS = 2.0
+# Every sink is re-applied this often even without a change: a Kong node that restarted reloads
+# its declarative file (all targets), and a target edited by hand drifts. Equal sets cost no
+# writes (Admin API) or a 304 (DB-less /config).
+SINK_RESYNC_SECONDS = 30.0
+
+
+class Damper:
+    """Removals apply at once; a returning member must stay healthy `hold_down` seconds.
+
+    One removal waits too: the one that would empty the ring. Losing every member at once is
+    more often the view than the fleet (services just registered are critical until their first
+    check passes), so an empty set applies only after it has been observed for `hold_down`
+    seconds, at start-up too.
+
+    After a source outage, removals also wait `hold_down` (`settle()`): a Consul that returns
+    rebuilds its view one registration at a time, and a partial view is not a failure.
+    """
+
+    def __init__(self, hold_down: float, clock: Callable[[], float] = time.monotonic):
+        self.hold_down = hold_down
+        self.clock = clock
+        self.applied: frozenset[Member] | None = None  # None until the first good snapshot
+        self._healthy: frozenset[Member] = frozenset()
+        self._healthy_since: dict[Member, float] = {}
+        self._empty_since: float | None = None
+        self._settle_until = 0.0
+
+    def settle(self) -> None:
+        """The source just recovered: hold removals for `hold_down` seconds."""
+        self._settle_until = self.clock() + self.hold_down
+
+    def observe(self, healthy: frozenset[Member]) -> None:
+        now = self.clock()
+        self._healthy_since = {m: self._healthy_since.get(m, now) for m in healthy}
+        self._healthy = healthy
+        self._empty_since = (self._empty_since or now) if not healthy else None
+
+    def decide(self) -> frozenset[Member] | None:
+        """The set to apply now; None while there is nothing to apply yet."""
+        now = self.clock()
+        emptying = not self._healthy and self._empty_since is not None and now - self._empty_since < self.hold_down
+        if self.applied is None:  # the first set: nothing to damp against, unless it is empty
+            return None if emptying else self._healthy
+        joining = {m for m in self._healthy - self.applied if now - self._healthy_since[m] >= self.hold_down}
+        if now < self._settle_until:
+            return self.applied | joining
+        wanted = frozenset((self.applied & self._healthy) | joining)
+        return self.applied if emptying and self.applied else wanted
+
+    def next_deadline(self) -> float | None:
+        """When the decision may next change by time alone (a join, an empty set, the settling end)."""
+        pending = [self._healthy_since[m] + self.hold_down for m in self._healthy - (self.applied or set())]
+        if self._empty_since is not None:
+            pending.append(self._empty_since + self.hold_down)
+        if self._settle_until > self.clock():
+            pending.append(self._settle_until)
+        return min(pending) if pending else None
+
+
+class Daemon:
+    """The sync loop: one watch thread feeds snapshots, the main thread damps and writes, an
+    optional thread rebalances. `source`, `sinks`, `rebalancer` default to what settings ask for."""
+
+    def __init__(self, settings: Settings, source: HealthSource | None = None, sinks: Sequence[Sink] | None = None,
+                 registry: CollectorRegistry | None = None, rebalancer=None):
+        self.settings = settings
+        self.registry = registry or CollectorRegistry()
+        self.metrics = DaemonMetrics(self.registry)
+        self.source = source or self._source()
+        self.sinks = list(sinks if sinks is not None else sinks_from_settings(settings))
+        self.damper = Damper(settings.hold_down)
+        self.rebalancer = rebalancer if rebalancer is not None else self._rebalancer()
+        self.known: set[Member] = set(settings.pushgateways)
+        self.stop = threading.Event()
+        self._snapshots: queue.Queue[HealthSnapshot] = queue.Queue()
+        self._dirty: dict[str, frozenset[Member]] = {}  # sink name -> set it still has to take
+        self._rebalance_wanted = threading.Event()
+        self._ring = Ring()
+        self._had_good = False  # no write happens before the first good snapshot
+        self._source_failing = False
+        self.resync_interval = SINK_RESYNC_SECONDS
+        self._next_resync = 0.0
+
+    def _source(self) -> HealthSource:
+        if self.settings.source == "consul":
+            return ConsulHealth(self.settings.consul)
+        return ProbeHealth(self.settings.pushgateways, self.settings.probes)
+
+    def _rebalancer(self):
+        if not self.settings.rebalance.enabled:
+            return None
+        from ..rebalance.rebalancer import Rebalancer
+        return Rebalancer(self.settings.rebalance, registry=self.registry)
+
+    # --- threads -------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Run until stop is set (signals set it)."""
+        self._register()
+        threads = [threading.Thread(target=self._watch, name="pgwshard-watch", daemon=True)]
+        if self.rebalancer is not None:
+            threads.append(threading.Thread(target=self._rebalance_loop, name="pgwshard-rebalance", daemon=True))
+        for t in threads:
+            t.start()
+        while not self.stop.is_set():
+            self.step(timeout=self._wait_time())
+        # A reconciliation may finish its current operation; the watch may sit in a blocking
+        # Consul query for `consul.wait`, and holds nothing worth waiting for (daemon thread).
+        for t in threads:
+            t.join(timeout=1 if t.name == "pgwshard-watch" else 5)
+
+    def run_once(self, timeout: float) -> bool:
+        """One sync (`--once`): wait up to `timeout` for a set to apply, write it to every sink,
+        then reconcile once. True when every sink took the set."""
+        self._register()
+        watcher = threading.Thread(target=self._watch, name="pgwshard-watch", daemon=True)
+        watcher.start()
+        deadline = time.monotonic() + timeout
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            self.step(timeout=max(0.01, min(self._wait_time(), deadline - time.monotonic())))
+            if self.damper.applied is not None and not self._dirty:
+                break
+        self.stop.set()
+        watcher.join(timeout=1)  # a blocking Consul query may outlive this; the thread is a daemon
+        synced = self.damper.applied is not None and not self._dirty
+        if synced and self.rebalancer is not None and self._ring.members:
+            log.info("reconciliation: %s", self.rebalancer.reconcile(self._ring, sorted(self.known)))
+        return synced
+
+    def _register(self) -> None:
+        """Register the configured pushgateways in Consul, if asked to. Idempotent, so it runs at
+        start and again whenever Consul comes back (an agent may return without them)."""
+        consul = self.settings.consul
+        if not (consul and consul.register.enabled):
+            return
+        from .registration import sync_registrations
+        try:
+            sync_registrations(consul_client(consul), consul, self.settings.pushgateways,
+                               known_healthy=self.damper.applied or frozenset())
+        except UpstreamError as err:
+            log.error("%s", err)  # health still flows from what is registered already
+
+    def _watch(self) -> None:
+        while not self.stop.is_set():
+            try:
+                for snapshot in self.source.watch(self.stop):
+                    self._snapshots.put(snapshot)
+            except Exception as err:  # noqa: BLE001 - a broken source must not end the daemon
+                log.error("health source failed: %r; restarting it", err)
+                self._snapshots.put(HealthSnapshot(None, error=repr(err)))
+                self.stop.wait(1.0)
+
+    def _wait_time(self) -> float:
+        deadline = self.damper.next_deadline()
+        wait = 1.0 if not self._dirty else SINK_RETRY_SECONDS
+        if deadline is not None:
+            wait = min(wait, max(0.01, deadline - time.monotonic()))
+        return wait
+
+    def step(self, timeout: float = 0.0) -> None:
+        """Take the snapshots that arrived (waiting up to `timeout` for one), apply the result."""
+        try:
+            self._take(self._snapshots.get(timeout=timeout) if timeout > 0 else self._snapshots.get_nowait())
+            while True:
+                self._take(self._snapshots.get_nowait())
+        except queue.Empty:
+            pass
+        self._apply(self.damper.decide() if self._had_good else None)
+
+    def _take(self, snapshot: HealthSnapshot) -> None:
+        self.metrics.watch_latency.observe(snapshot.query_seconds)
+        if snapshot.members is None:
+            self._source_failing = True
+            self.metrics.source_up.set(0)
+            self.metrics.source_errors.inc()
+            log.warning("health source error, keeping %d members: %s",
+                        len(self.damper.applied or ()), snapshot.error)
+            return
+        if self._source_failing:
+            log.info("health source is back; removals wait %gs while its view settles", self.damper.hold_down)
+            self.damper.settle()
+            self._register()
+        self._source_failing = False
+        self.metrics.source_up.set(1)
+        self._had_good = True
+        self.known |= snapshot.members
+        self.damper.observe(snapshot.members)
+
+    def _apply(self, wanted: frozenset[Member] | None) -> None:
+        if wanted is None:
+            return  # no good snapshot yet: write nothing
+        if wanted != self.damper.applied:
+            old = self.damper.applied or frozenset()
+            log.info("membership change: %s", json.dumps({
+                "members": sorted(m.name for m in wanted), "added": sorted(m.name for m in wanted - old),
+                "removed": sorted(m.name for m in old - wanted)}))
+            self.damper.applied = wanted
+            self.metrics.members.set(len(wanted))
+            self.metrics.changes.inc()
+            self._ring = Ring(wanted)
+            self._dirty = {s.name: wanted for s in self.sinks}
+            self._rebalance_wanted.set()
+        if time.monotonic() >= self._next_resync:
+            self._dirty = {s.name: self.damper.applied for s in self.sinks}
+            self._next_resync = time.monotonic() + self.resync_interval
+        for sink in self.sinks:
+            if sink.name not in self._dirty:
+                continue
+            try:
+                sink.apply(sorted(self._dirty[sink.name]))
+                del self._dirty[sink.name]
+            except UpstreamError as err:
+                self.metrics.sync_errors.labels(sink.name).inc()
+                log.error("sink %s failed, will retry: %s", sink.name, err)
+        if not self._dirty and self.sinks:
+            self.metrics.last_good_sync = time.time()
+
+    def _rebalance_loop(self) -> None:
+        interval = self.settings.rebalance.interval
+        while not self.stop.is_set():
+            self._rebalance_wanted.wait(interval)
+            if self.stop.is_set():
+                return
+            self._rebalance_wanted.clear()
+            if self.damper.applied is None or not self._ring.members:
+                continue
+            try:
+                report = self.rebalancer.reconcile(self._ring, sorted(self.known))
+                log.info("reconciliation: %s", report)
+            except Exception as err:  # noqa: BLE001 - a failed pass is retried at the next one
+                log.error("reconciliation failed: %r", err)
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line; configured secrets are masked even if a library echoes them."""
+
+    def __init__(self, secrets: Iterable[str] = ()):
+        super().__init__()
+        self.secrets = [s for s in secrets if s]
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
+                 "msg": record.getMessage()}
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        line = json.dumps(entry)
+        for secret in self.secrets:
+            line = line.replace(secret, "<redacted>")
+        return line
+
+
+def configure_logging(level: str, secrets: Iterable[str | None] = ()) -> None:
+    """JSON lines on stderr at `level`, with `secrets` (tokens) masked."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter([s for s in secrets if s]))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def main(argv: Iterable[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="pgwshard-sync", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="the YAML config file (see kong/pgwshard.yml)")
+    parser.add_argument("--check", action="store_true", help="validate the config and exit")
+    parser.add_argument("--once", action="store_true",
+                        help="sync once (and reconcile once if rebalancing is on), then exit; "
+                             "failing status when no set could be written")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as err:
+        sys.exit(f"pgwshard-sync: {err}")
+    if args.check:
+        print(f"{args.config}: ok")
+        return
+    configure_logging(settings.log_level, [settings.consul and settings.consul.token,
+                                           settings.kong and settings.kong.admin_token])
+    daemon = Daemon(settings)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: daemon.stop.set())
+    if args.once:
+        # long enough for a full backoff schedule or an empty set's hold-down, never unbounded
+        budget = settings.hold_down + sum(settings.consul.backoff if settings.consul else ()) + 30.0
+        if not daemon.run_once(budget):
+            sys.exit("pgwshard-sync: no membership could be written (see the log)")
+        return
+    serve(settings.metrics_listen, daemon.registry)
+    log.info("started: health from %s, sinks %s, metrics on %s", settings.source,
+             [s.name for s in daemon.sinks], settings.metrics_listen)
+    daemon.run()
+    log.info("stopped")
+
+
+if __name__ == "__main__":
+    main()

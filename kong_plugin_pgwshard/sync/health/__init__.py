@@ -1,0 +1,29 @@
+"""What a health source is: the shape the daemon consumes.
+
+A source's `watch(stop)` yields HealthSnapshot values until `stop` is set. A snapshot either
+knows the healthy set (`members`) or says the source could not tell (`members is None` and an
+`error`): Consul being unreachable is not "nobody is healthy", and the daemon keeps its last
+known good set on errors. Implementations: health_probes.ProbeHealth (own GET /-/healthy, the
+default) and health_consul.ConsulHealth (passing instances of a Consul service).
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from ...core.ring import Member
+
+
+@dataclass(frozen=True)
+class HealthSnapshot:
+    members: frozenset[Member] | None  # None: the source could not tell this time
+    error: str | None = None
+    query_seconds: float = 0.0  # how long the query behind this snapshot took
+
+
+class HealthSource(Protocol):
+    def watch(self, stop: threading.Event) -> Iterator[HealthSnapshot]:
+        """Yield snapshots until `stop` is set; never raise for an unreachable backend."""
+        ...

@@ -1,0 +1,292 @@
+"""pgwshard-sync's YAML configuration: one dataclass per concern, validated at start.
+
+Every error names the key path and the file, e.g.
+    consul.wait: expected a duration like '30s', got 'soon' (in /etc/pgwshard.yml)
+Unknown keys are errors too (a typo must not silently fall back to a default). Secrets may come
+from the environment (CONSUL_HTTP_TOKEN, KONG_ADMIN_TOKEN) and are left out of every repr.
+kong/pgwshard.yml is a commented example of every key.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from ..core.ring import Member
+from ..errors import ConfigError
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)\Z")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    interval: float = 1.0
+    timeout: float = 1.0
+    rise: int = 2
+    fall: int = 2
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    verify: bool = True
+
+
+@dataclass(frozen=True)
+class RegisterSettings:
+    enabled: bool = False
+    check_interval: float = 1.0
+    check_timeout: float = 1.0
+    deregister_after: float = 60.0
+
+
+@dataclass(frozen=True)
+class ConsulSettings:
+    address: str = "http://127.0.0.1:8500"
+    service: str = "pushgateway"
+    tag: str | None = None
+    datacenter: str | None = None
+    token: str | None = field(default=None, repr=False)
+    tls: TLSSettings = TLSSettings()
+    wait: float = 30.0
+    backoff: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0)
+    register: RegisterSettings = RegisterSettings()
+
+
+@dataclass(frozen=True)
+class KongSettings:
+    mode: str = "admin"
+    admin_url: str = "http://127.0.0.1:8001"
+    admin_token: str | None = field(default=None, repr=False)
+    upstream: str = "pushgateways"
+    declarative_file: str | None = None
+    nodes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class FileSdSettings:
+    path: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RebalanceSettings:
+    enabled: bool = True
+    interval: float = 60.0
+    max_ops_per_second: float = 50.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    pushgateways: tuple[Member, ...] = ()
+    source: str = "probes"  # probes | consul
+    probes: ProbeSettings = ProbeSettings()
+    consul: ConsulSettings | None = None
+    hold_down: float = 5.0
+    kong: KongSettings | None = None
+    file_sd: FileSdSettings | None = None
+    rebalance: RebalanceSettings = RebalanceSettings()
+    metrics_listen: str = "127.0.0.1:9550"
+    log_level: str = "info"
+    source_file: str = "<config>"
+
+
+class _Section:
+    """Typed reads from one mapping of the file; errors name `prefix.key` and the file."""
+
+    def __init__(self, data: Any, prefix: str, source: str):
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"expected a mapping, got {type(data).__name__}", key=prefix or "<top>", source=source)
+        self.data, self.prefix, self.source = dict(data), prefix, source
+        self.used: set[str] = set()
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}.{key}" if self.prefix else key
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(message, key=self._key(key), source=self.source)
+
+    def _get(self, key: str, default: Any) -> Any:
+        self.used.add(key)
+        value = self.data.get(key)
+        return default if value is None else value
+
+    def has(self, key: str) -> bool:
+        return self.data.get(key) is not None
+
+    def string(self, key: str, default: str | None = None, choices: tuple[str, ...] = ()) -> str | None:
+        value = self._get(key, default)
+        if value is not None and not isinstance(value, str):
+            raise self.error(key, f"expected a string, got {value!r}")
+        if choices and value not in choices:
+            raise self.error(key, f"expected one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._get(key, default)
+        if not isinstance(value, bool):
+            raise self.error(key, f"expected true or false, got {value!r}")
+        return value
+
+    def number(self, key: str, default: float, minimum: float = 0.0, integer: bool = False) -> Any:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+            raise self.error(key, f"expected {'a whole number' if integer else 'a number'}, got {value!r}")
+        if value < minimum:
+            raise self.error(key, f"must be at least {minimum}, got {value!r}")
+        return value
+
+    def duration(self, key: str, default: float, minimum: float = 0.0) -> float:
+        value = self._get(key, default)
+        seconds = _parse_duration(value)
+        if seconds is None:
+            raise self.error(key, f"expected a duration like '30s', '500ms' or a number of seconds, got {value!r}")
+        if seconds < minimum:
+            raise self.error(key, f"must be at least {minimum}s, got {value!r}")
+        return seconds
+
+    def list(self, key: str) -> list:
+        value = self._get(key, [])
+        if not isinstance(value, list):
+            raise self.error(key, f"expected a list, got {value!r}")
+        return value
+
+    def section(self, key: str) -> _Section:
+        self.used.add(key)
+        return _Section(self.data.get(key), self._key(key), self.source)
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise self.error(unknown[0], "unknown key")
+
+
+def _parse_duration(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value.strip())
+        if match:
+            return float(match[1]) * _UNITS[match[2]]
+    return None
+
+
+def load_settings(path: str, environ: Mapping[str, str] = os.environ) -> Settings:
+    """Read and validate a config file; raises ConfigError naming the key and the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as err:
+        raise ConfigError(f"cannot read the config file: {err.strerror}", source=path) from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"not valid YAML: {err}", source=path) from None
+    return parse_settings(data, path, environ)
+
+
+def parse_settings(data: Any, source: str, environ: Mapping[str, str] = os.environ) -> Settings:
+    top = _Section(data, "", source)
+    pushgateways = []
+    for i, text in enumerate(top.list("pushgateways")):
+        try:
+            pushgateways.append(Member.parse(str(text)))
+        except ValueError as err:
+            raise top.error(f"pushgateways[{i}]", str(err)) from None
+
+    consul = _consul(top.section("consul"), environ) if top.has("consul") else None
+    health = top.section("health")
+    source_name = health.string("source", "consul" if consul else "probes", choices=("probes", "consul"))
+    probes = _probes(health.section("probes"))
+    health.done()
+    if source_name == "consul" and consul is None:
+        raise health.error("source", "is consul but there is no consul section")
+    if source_name == "probes" and not pushgateways:
+        raise top.error("pushgateways", "is required when health comes from probes")
+    if consul and consul.register.enabled and not pushgateways:
+        raise top.error("pushgateways", "is required when consul.register.enabled is true")
+
+    membership = top.section("membership")
+    hold_down = membership.duration("hold_down", 5.0)
+    membership.done()
+    kong = _kong(top.section("kong"), environ) if top.has("kong") else None
+    file_sd = None
+    if top.has("file_sd"):
+        sd = top.section("file_sd")
+        path = sd.string("path")
+        if not path:
+            raise sd.error("path", "is required")
+        labels = sd._get("labels", {})
+        if not isinstance(labels, Mapping) or not all(isinstance(v, str) for v in labels.values()):
+            raise sd.error("labels", "expected a mapping of label names to strings")
+        sd.done()
+        file_sd = FileSdSettings(path, dict(labels))
+    rb = top.section("rebalance")
+    rebalance = RebalanceSettings(rb.boolean("enabled", True), rb.duration("interval", 60.0, minimum=1.0),
+                                  rb.number("max_ops_per_second", 50.0, minimum=0.1))
+    rb.done()
+    metrics = top.section("metrics")
+    listen = metrics.string("listen", "127.0.0.1:9550")
+    metrics.done()
+    log = top.section("log")
+    level = log.string("level", "info", choices=("debug", "info", "warning", "error"))
+    log.done()
+    top.done()
+    return Settings(tuple(pushgateways), source_name, probes, consul, hold_down, kong, file_sd, rebalance,
+                    listen, level, source)
+
+
+def _probes(s: _Section) -> ProbeSettings:
+    probes = ProbeSettings(s.duration("interval", 1.0, minimum=0.1), s.duration("timeout", 1.0, minimum=0.01),
+                           s.number("rise", 2, minimum=1, integer=True), s.number("fall", 2, minimum=1, integer=True))
+    s.done()
+    return probes
+
+
+def _consul(s: _Section, environ: Mapping[str, str]) -> ConsulSettings:
+    address = s.string("address", "http://127.0.0.1:8500")
+    if not re.match(r"https?://[^/\s]+/?\Z", address):
+        raise s.error("address", f"expected http(s)://host:port, got {address!r}")
+    tls = s.section("tls")
+    tls_settings = TLSSettings(tls.string("ca_file"), tls.string("cert_file"), tls.string("key_file"),
+                               tls.boolean("verify", True))
+    tls.done()
+    backoff = s.list("backoff") or [0.5, 1, 2, 5, 10]
+    for i, step in enumerate(backoff):
+        if _parse_duration(step) is None:
+            raise s.error(f"backoff[{i}]", f"expected a duration, got {step!r}")
+    reg = s.section("register")
+    register = RegisterSettings(reg.boolean("enabled", False), reg.duration("check_interval", 1.0, minimum=1.0),
+                                reg.duration("check_timeout", 1.0, minimum=0.1),
+                                reg.duration("deregister_after", 60.0, minimum=60.0))
+    reg.done()
+    settings = ConsulSettings(
+        address=address.rstrip("/"), service=s.string("service", "pushgateway"), tag=s.string("tag"),
+        datacenter=s.string("datacenter"), token=s.string("token") or environ.get("CONSUL_HTTP_TOKEN") or None,
+        tls=tls_settings, wait=s.duration("wait", 30.0, minimum=1.0),
+        backoff=tuple(_parse_duration(b) for b in backoff), register=register)
+    s.done()
+    return settings
+
+
+def _kong(s: _Section, environ: Mapping[str, str]) -> KongSettings:
+    mode = s.string("mode", "admin", choices=("admin", "declarative"))
+    nodes = tuple(str(n).rstrip("/") for n in s.list("nodes"))
+    settings = KongSettings(
+        mode=mode, admin_url=s.string("admin_url", "http://127.0.0.1:8001").rstrip("/"),
+        admin_token=s.string("admin_token") or environ.get("KONG_ADMIN_TOKEN") or None,
+        upstream=s.string("upstream", "pushgateways"), declarative_file=s.string("declarative_file"),
+        nodes=nodes)
+    if mode == "declarative" and not settings.declarative_file:
+        raise s.error("declarative_file", "is required when kong.mode is declarative")
+    s.done()
+    return settings

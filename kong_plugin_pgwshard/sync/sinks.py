@@ -1,0 +1,137 @@
+"""Where the healthy set goes: Kong (Admin API or DB-less /config) and a Prometheus file_sd file.
+
+A sink's `apply(members)` makes its target equal `members` or raises UpstreamError; the daemon
+retries a failed sink and never hands it an empty set because of an error elsewhere.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import yaml
+
+from ..clients.kong import KongAdmin
+from ..core.file_sd import render_file_sd
+from ..core.ring import Member
+from ..errors import UpstreamError
+from .settings import FileSdSettings, KongSettings, Settings
+
+log = logging.getLogger("pgwshard.sinks")
+
+
+class Sink(Protocol):
+    name: str
+
+    def apply(self, members: Sequence[Member]) -> None:
+        """Make the sink's target list equal `members`; raise UpstreamError when that failed."""
+        ...
+
+
+class AdminApiSink:
+    """Kong in DB mode: the upstream's targets, with the fewest writes that make them equal."""
+
+    def __init__(self, admin: KongAdmin, upstream: str):
+        self.admin, self.upstream = admin, upstream
+        self.name = f"kong-admin {admin.url} upstream {upstream}"
+
+    def apply(self, members: Sequence[Member]) -> None:
+        self.admin.ensure_upstream(self.upstream)
+        current = {t["target"]: t for t in self.admin.targets(self.upstream)}
+        wanted = {m.name: m for m in members}
+        # adds before deletes: a swap never leaves Kong with fewer targets than either set
+        for name, member in sorted(wanted.items()):
+            if name not in current:
+                self.admin.add_target(self.upstream, name, member.weight)
+                log.info("%s: added target %s (weight %d)", self.name, name, member.weight)
+            elif int(current[name].get("weight", 100)) != member.weight:
+                self.admin.set_weight(self.upstream, current[name]["id"], member.weight)
+                log.info("%s: target %s weight now %d", self.name, name, member.weight)
+        for name in sorted(current.keys() - wanted.keys()):
+            self.admin.delete_target(self.upstream, name)
+            log.info("%s: removed target %s", self.name, name)
+
+
+class DeclarativeSink:
+    """Kong DB-less: the user's declarative file with the upstream's targets replaced, POSTed to
+    /config of every node. Every node is tried; the failures are reported together."""
+
+    def __init__(self, nodes: Sequence[KongAdmin], declarative_file: str, upstream: str):
+        self.nodes, self.declarative_file, self.upstream = list(nodes), declarative_file, upstream
+        self.name = f"kong-declarative {declarative_file}"
+
+    def render(self, members: Sequence[Member]) -> dict:
+        """The user's declarative config, re-read each time, with only this upstream's targets replaced."""
+        try:
+            doc = yaml.safe_load(Path(self.declarative_file).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as err:
+            raise UpstreamError(f"cannot read {self.declarative_file}: {err}") from None
+        if not isinstance(doc, dict) or not isinstance(doc.setdefault("upstreams", []), list):
+            raise UpstreamError(f"{self.declarative_file}: expected a declarative config mapping with a list of upstreams")
+        upstreams = doc["upstreams"]
+        upstream = next((u for u in upstreams if u.get("name") == self.upstream), None)
+        if upstream is None:
+            upstream = {"name": self.upstream}
+            upstreams.append(upstream)
+        upstream["targets"] = [{"target": m.name, "weight": m.weight} for m in sorted(members)]
+        return doc
+
+    def apply(self, members: Sequence[Member]) -> None:
+        doc = self.render(members)
+        failures = []
+        for node in self.nodes:
+            try:
+                if node.post_config(doc):
+                    log.info("loaded %d targets into %s", len(members), node.url)
+            except UpstreamError as err:
+                failures.append(str(err))
+        if failures:
+            raise UpstreamError("; ".join(failures))
+
+
+class FileSdSink:
+    """A Prometheus file_sd JSON file, replaced atomically (readers never see half a file).
+    The plugin's `membership: file` and `pgwshard locate --nodes-file` read the same file."""
+
+    def __init__(self, settings: FileSdSettings):
+        self.path, self.labels = Path(settings.path), dict(settings.labels)
+        self.name = f"file_sd {self.path}"
+
+    def apply(self, members: Sequence[Member]) -> None:
+        content = render_file_sd(members, self.labels)
+        tmp = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # the temp file sits in the same directory so the rename is atomic (same filesystem)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(content)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, self.path)
+            tmp = None
+        except OSError as err:
+            raise UpstreamError(f"cannot write {self.path}: {err}") from None
+        finally:
+            if tmp is not None:  # a failed write leaves no stray temp file behind
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+
+
+def sinks_from_settings(settings: Settings) -> list[Sink]:
+    """The sinks the daemon's settings name: Kong (admin or declarative mode) and/or file_sd."""
+    sinks: list[Sink] = []
+    kong: KongSettings | None = settings.kong
+    if kong and kong.mode == "admin":
+        sinks.append(AdminApiSink(KongAdmin(kong.admin_url, kong.admin_token), kong.upstream))
+    elif kong:
+        nodes = [KongAdmin(url, kong.admin_token) for url in (kong.nodes or (kong.admin_url,))]
+        sinks.append(DeclarativeSink(nodes, kong.declarative_file, kong.upstream))
+    if settings.file_sd:
+        sinks.append(FileSdSink(settings.file_sd))
+    return sinks

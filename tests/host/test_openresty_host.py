@@ -1,0 +1,249 @@
+"""The OpenResty host: real nginx, the real plugin server, real pushgateways."""
+from __future__ import annotations
+
+import contextlib
+import json
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from kong_plugin_pgwshard.core.grouping import parse_push_path
+from kong_plugin_pgwshard.core.ring import Member, Ring
+from kong_plugin_pgwshard.harness.nginx import NginxHost
+from kong_plugin_pgwshard.harness.processes import PluginServer, wait_until
+from tests.support.nginx_host import ProbePluginServer, RPCRelay
+
+BODY = b"# TYPE job_items counter\njob_items 3\n"
+
+
+def call(url: str, method: str = "PUT", body: bytes | None = BODY, timeout: float = 10) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=body if method in ("PUT", "POST") else None, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+@pytest.fixture
+def stack(pushgateways):
+    pgws = pushgateways(3)
+    server = PluginServer().start()
+    nodes = [p.address for p in pgws]
+    host = NginxHost(server.socket_path, {"membership": "static", "nodes": nodes}, nodes).start()
+    yield pgws, server, host
+    host.stop()
+    server.stop()
+
+
+def holders(pgws, key) -> list[str]:
+    from kong_plugin_pgwshard.core.grouping import GroupingKey
+    return [p.address for p in pgws if any(GroupingKey.from_labels(g["labels"]) == key for g in p.groups())]
+
+
+def test_pushes_land_on_their_owner_and_spread(stack):
+    pgws, _, host = stack
+    ring = Ring(Member.parse(p.address) for p in pgws)
+    paths = [f"/metrics/job/nightly/instance/host-{i}" for i in range(60)]
+    for path in paths:
+        assert call(host.url + path)[0] == 200
+    for path in paths:
+        key = parse_push_path(path)
+        assert holders(pgws, key) == [ring.owner(key).name]
+    assert all(p.groups() for p in pgws)  # every instance took some
+
+
+def test_reads_go_to_the_upstream(stack):
+    pgws, _, host = stack
+    assert call(host.url + "/-/healthy", "GET")[0] == 200
+    status, body = call(host.url + "/api/v1/status", "GET")
+    assert status == 200 and json.loads(body)["status"] == "success"
+
+
+def test_bad_path_is_400_from_the_gateway_and_reaches_no_pushgateway(stack):
+    pgws, _, host = stack
+    status, body = call(host.url + "/metrics/job/x/__reserved/1")
+    assert status == 400
+    assert "improper label name" in json.loads(body)["message"]
+    assert all(p.groups() == [] for p in pgws)
+
+
+def test_delete_reaches_the_owner(stack):
+    pgws, _, host = stack
+    assert call(host.url + "/metrics/job/gone/a/1")[0] == 200
+    assert call(host.url + "/metrics/job/gone/a/1", "DELETE")[0] == 202
+    wait_until(lambda: all(p.groups() == [] for p in pgws), 5, what="group deleted")
+
+
+def test_dead_plugin_server_is_503_with_a_body_and_recovery_restarts_the_instance(stack):
+    pgws, server, host = stack
+    assert call(host.url + "/metrics/job/a")[0] == 200
+    server.kill()
+    status, body = call(host.url + "/metrics/job/a", timeout=5)  # a hang would raise here
+    assert status == 503 and "plugin server is unavailable" in json.loads(body)["message"]
+    revived = PluginServer()
+    revived.prefix = server.prefix  # the same socket path
+    revived.argv[revived.argv.index("-p") + 1] = server.prefix
+    revived.start()
+    try:
+        # the new server knows no instance: "no plugin instance" makes the host start one again
+        statuses = {call(host.url + "/metrics/job/a")[0] for _ in range(6)}
+        assert statuses == {200}
+        assert "no plugin instance" not in host.error_log() or "started instance" in host.error_log()
+    finally:
+        revived.stop()
+
+
+@contextlib.contextmanager
+def relayed_stack(pushgateways, workers: int, **relay_options):
+    """3 pushgateways, the plugin server, and the host reaching it through an RPCRelay."""
+    pgws = pushgateways(3)
+    server = PluginServer().start()
+    relay = RPCRelay(server.socket_path, **relay_options).start()
+    nodes = [p.address for p in pgws]
+    host = NginxHost(relay.path, {"membership": "static", "nodes": nodes}, nodes, workers=workers).start()
+    try:
+        yield pgws, relay, host
+    finally:
+        host.stop()
+        relay.stop()
+        server.stop()
+
+
+def on_their_owners(pgws, paths) -> bool:
+    ring = Ring(Member.parse(p.address) for p in pgws)
+    return all(holders(pgws, parse_push_path(p)) == [ring.owner(parse_push_path(p)).name] for p in paths)
+
+
+def test_500_requests_on_2_workers_reuse_connections_and_steps_move_between_them(pushgateways):
+    with relayed_stack(pushgateways, workers=2) as (pgws, relay, host):
+        paths = [f"/metrics/job/k/i/{i % 50}" for i in range(500)]
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(lambda path: call(host.url + path, timeout=15)[0], paths))
+        assert statuses == [200] * 500
+        assert sum(len(p.groups()) for p in pgws) == 50  # each key in one place
+        # 500 requests are >= 1500 RPCs (HandleEvent + a Step per PDK call), carried by at most
+        # a pool's worth of connections per worker
+        assert relay.rpcs >= 1500
+        assert 1 <= relay.connections <= 2 * 64
+
+
+def test_a_step_on_another_connection_than_its_event_works(pushgateways):
+    with relayed_stack(pushgateways, workers=1, close_after_calls=True) as (pgws, relay, host):
+        paths = [f"/metrics/job/moving/i/{i}" for i in range(20)]
+        for path in paths:
+            assert call(host.url + path)[0] == 200, host.error_log()[-1500:]
+        assert on_their_owners(pgws, paths)
+        assert relay.steps_elsewhere >= 40  # get_raw_path and set_target, each on a new connection
+
+
+def test_answers_arriving_in_pieces_are_read_to_their_end(pushgateways):
+    with relayed_stack(pushgateways, workers=1, split_answers=True) as (pgws, relay, host):
+        paths = [f"/metrics/job/slow/i/{i}" for i in range(10)]
+        for path in paths:
+            assert call(host.url + path)[0] == 200, host.error_log()[-1500:]
+        assert on_their_owners(pgws, paths)
+        assert call(host.url + "/metrics/job/slow/odd")[0] == 400  # an exit's answer, in pieces too
+        assert relay.rpcs >= 32
+
+
+def test_a_config_change_starts_a_new_instance_and_closes_the_old(stack):
+    pgws, server, host = stack
+    assert call(host.url + "/metrics/job/before")[0] == 200
+    only = pgws[1].address
+    host.set_plugin_config({"membership": "static", "nodes": [only]})
+    counter = iter(range(10_000))
+
+    def all_on_the_new_member() -> bool:  # every worker switched (each checks its config file)
+        paths = [f"/metrics/job/moved/i/{next(counter)}" for _ in range(20)]
+        for path in paths:
+            assert call(host.url + path)[0] == 200
+        return all(holders(pgws, parse_push_path(p)) == [only] for p in paths)
+
+    wait_until(all_on_the_new_member, 15, interval=0.2, what="new config in use by every worker")
+    assert host.error_log().count("started instance") >= 3
+    from kong_plugin_pgwshard.harness.kong_rpc import KongRPC
+    status = KongRPC(server.socket_path).call("plugin.GetStatus")
+    assert 1 <= len(status["Plugins"]["pgwshard"]["Instances"]) <= 2  # one per worker: old ones closed
+
+
+@contextlib.contextmanager
+def probe_host(pushgateways, ours: bool):
+    """The host in front of the test-only probe plugin (tests/support/pdk_probe_plugin.py)."""
+    pgw = pushgateways(1)[0]
+    server = ProbePluginServer(ours=ours).start()
+    host = NginxHost(server.socket_path, {"tag": "t-42"}, [pgw.address], workers=1, read_timeout_ms=1000).start()
+    try:
+        yield host
+    finally:
+        host.stop()
+        server.stop()
+
+
+@pytest.fixture(params=["kong-pdk", "pgwshard-plugin"])
+def probe(request, pushgateways):
+    """The PDK answers must reach the plugin alike under kong-pdk's own server and pgwshard-plugin."""
+    with probe_host(pushgateways, ours=request.param == "pgwshard-plugin") as host:
+        yield host
+
+
+@pytest.fixture
+def stock_probe(pushgateways):
+    # Only kong-pdk's threads mode survives a phase that blocks; pgwshard-plugin runs phases on
+    # one thread, and a phase must not block (its docstring).
+    with probe_host(pushgateways, ours=False) as host:
+        yield host
+
+
+def test_an_unknown_pdk_method_reaches_the_plugin_as_an_error(probe):
+    status, body = call(probe.url + "/probe/unknown", "GET")
+    assert status == 500
+    assert "kong.nope.nothing is not supported" in json.loads(body)["step_error"]
+
+
+def test_request_pdk_answers_and_nil_results(probe):
+    req = urllib.request.Request(probe.url + "/probe/nil?a=1&b=two", headers={"X-Probe": "p1"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        answer = json.loads(resp.read())
+    assert answer == {"absent_is_none": True, "method": "GET", "query": {"a": "1", "b": "two"}, "header": "p1"}
+
+
+def test_exit_sends_a_table_as_json_with_headers_and_log_reaches_the_error_log(probe):
+    req = urllib.request.Request(probe.url + "/probe/log", method="GET")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.status == 201
+        assert resp.headers["Content-Type"].startswith("application/json")
+        assert resp.headers["X-Probe"] == "yes"
+        assert json.loads(resp.read()) == {"logged": True}
+    wait_until(lambda: "probe-marker t-42 7" in probe.error_log(), 5, what="kong.log line in the error log")
+    assert call(probe.url + "/probe/text", "GET") == (418, b"plain text body")
+
+
+def test_a_hung_plugin_is_503_and_other_requests_still_work(stock_probe):
+    status, body = call(stock_probe.url + "/probe/hang", "GET", timeout=10)  # read timeout is 1 s: no hang
+    assert status == 503 and "plugin server is unavailable" in json.loads(body)["message"]
+    assert call(stock_probe.url + "/probe/nil", "GET")[0] == 200
+    # a request the plugin leaves alone goes to the upstream
+    assert call(stock_probe.url + "/-/healthy", "GET")[0] == 200
+
+
+def test_a_restart_under_concurrent_requests_starts_one_instance_per_worker(stack):
+    pgws, server, host = stack
+    assert call(host.url + "/metrics/job/a")[0] == 200
+    server.stop()
+    revived = PluginServer()
+    revived.prefix = server.prefix  # the same socket path
+    revived.argv[revived.argv.index("-p") + 1] = server.prefix
+    revived.start()
+    try:
+        # every request of a burst meets "no plugin instance"; only one per worker may start one
+        with ThreadPoolExecutor(16) as pool:
+            statuses = list(pool.map(lambda i: call(host.url + f"/metrics/job/burst/i/{i}")[0], range(64)))
+        assert statuses == [200] * 64
+        from kong_plugin_pgwshard.harness.kong_rpc import KongRPC
+        instances = KongRPC(revived.socket_path).call("plugin.GetStatus")["Plugins"]["pgwshard"]["Instances"]
+        assert 1 <= len(instances) <= 2, instances  # 2 workers: no orphan instances left behind
+    finally:
+        revived.stop()

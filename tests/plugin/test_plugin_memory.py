@@ -1,0 +1,102 @@
+"""Rejected pushes must not grow the plugin server's memory (kong-pdk 0.36's own server leaks an
+event, and in gevent mode a greenlet, per `kong.response.exit`)."""
+from __future__ import annotations
+
+import gc
+
+import pytest
+from gevent import greenlet as gevent_greenlet
+from greenlet import greenlet
+from kong_pdk.module import Module
+from kong_pdk.server import PluginServer
+
+from kong_plugin_pgwshard.harness.kong_rpc import KongRPC, Request, run_access
+from kong_plugin_pgwshard.plugin.events import PgwshardPluginServer
+
+
+class _ExitFirst:
+    """A plugin whose first PDK call is kong.response.exit."""
+
+    def __init__(self, config):
+        pass
+
+    def access(self, kong):
+        kong.response.exit(403, {"message": "no"})
+
+
+class _ExitSecond(_ExitFirst):
+    def access(self, kong):
+        kong.request.get_raw_path()
+        kong.response.exit(400, {"message": "bad"})
+
+
+class _CallAfterExit(_ExitFirst):
+    """Keeps calling the PDK after its exit: a call Kong will never answer."""
+
+    def access(self, kong):
+        kong.response.exit(400, {"message": "bad"})
+        kong.log.err("after the exit")
+
+
+def _start(server, plugin_cls):
+    server.plugins["p"] = Module("p", module=type("m", (), {"Plugin": plugin_cls}))
+    return server.start_instance({"Name": "p", "Config": "{}"})["Id"]
+
+
+def _exit_many(server, iid, n):
+    for _ in range(n):
+        ret = server.handle_event({"InstanceId": iid, "EventName": "access"})
+        if ret["Data"]["Method"] != "kong.response.exit":
+            ret = server.step({"EventId": ret["EventId"], "Data": "/x"})
+        assert ret["Data"]["Method"] == "kong.response.exit"
+
+
+def _live_greenlets(kind):
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, kind) and not o.dead)
+
+
+@pytest.mark.parametrize("plugin_cls", [_ExitFirst, _ExitSecond])
+def test_stock_kong_pdk_leaks_on_exit(plugin_cls):
+    stock = PluginServer(use_gevent=True, lua_style=False)
+    iid = _start(stock, plugin_cls)
+    before = _live_greenlets(gevent_greenlet.Greenlet)
+    _exit_many(stock, iid, 300)
+    assert len(stock.events) + _live_greenlets(gevent_greenlet.Greenlet) - before >= 300  # the leak is real
+
+
+@pytest.mark.parametrize("plugin_cls", [_ExitFirst, _ExitSecond, _CallAfterExit])
+def test_ours_ends_every_event_on_exit(plugin_cls):
+    ours = PgwshardPluginServer()
+    iid = _start(ours, plugin_cls)
+    before = _live_greenlets(greenlet)
+    _exit_many(ours, iid, 300)
+    assert len(ours.events) == 0
+    assert _live_greenlets(greenlet) - before <= 1  # the current one at most, never one per exit
+
+
+@pytest.mark.parametrize("kind", ["rejected", "distinct"])
+def test_100k_pushes_keep_the_server_flat(plugin_server_factory, kind):
+    """Rejected pushes, and pushes to ever new groups (the owner memo is bounded)."""
+    server = plugin_server_factory()
+    rpc = KongRPC(server.socket_path)
+    iid = rpc.start_instance("pgwshard", {"nodes": ["127.0.0.1:9999"]})
+    pushed = 0
+
+    def push(n):
+        nonlocal pushed
+        for _ in range(n):
+            pushed += 1
+            path = "/metrics/job/x/odd" if kind == "rejected" else f"/metrics/job/fleet/instance/host-{pushed:08d}"
+            answer = run_access(rpc, iid, Request(path))
+            assert (answer.exit[0] == 400) if kind == "rejected" else (answer.target == ("127.0.0.1", 9999))
+
+    push(10_000)  # warm up: allocator pools, caches
+    rss_10k = server.rss_kib()
+    push(90_000)
+    rss_100k = server.rss_kib()
+    rpc.close()
+    print(f"plugin server RSS, {kind} pushes: {rss_10k} KiB after 10k, {rss_100k} KiB after 100k")
+    # A leaked event or greenlet per exit would be >= 1 KiB each, a remembered path ~150 bytes:
+    # 13-90 MB over the last 90k.
+    assert rss_100k - rss_10k < 4 * 1024

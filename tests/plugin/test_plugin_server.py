@@ -1,0 +1,318 @@
+"""The real plugin server, driven over its unix socket exactly as Kong drives it."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import msgpack
+import pytest
+from kong_pdk.exception import PluginServerException
+
+from kong_plugin_pgwshard.core.grouping import parse_push_path
+from kong_plugin_pgwshard.core.ring import Member, Ring
+from kong_plugin_pgwshard.harness.kong_rpc import KongRPC, Request, RPCError, run_access
+from kong_plugin_pgwshard.harness.processes import proc_stat, wait_until
+from tests.support import REPO
+
+NODES = ["127.0.0.1:9101", "127.0.0.1:9102", "127.0.0.1:9103"]
+RING = Ring(Member.parse(n) for n in NODES)
+# What Kong adds to every plugin config it sends (kong/runloop/plugin_servers).
+KONG_EXTRAS = {"route_id": "7f3c0d1e-0000-4000-8000-000000000001", "service_id": None, "consumer_id": None,
+               "__seq__": 3, "__plugin_id": "b1a0", "__key__": "plugins:pgwshard:...", "protocols": ["http"]}
+
+
+@pytest.fixture
+def server(plugin_server_factory):
+    return plugin_server_factory()
+
+
+@pytest.fixture
+def rpc(server):
+    client = KongRPC(server.socket_path)
+    yield client
+    client.close()
+
+
+def start(rpc, **config):
+    return rpc.start_instance("pgwshard", {**KONG_EXTRAS, "nodes": NODES, **config})
+
+
+def test_dump_lists_what_kong_asks_for():
+    out = subprocess.run([sys.executable, "-m", "kong_plugin_pgwshard.plugin.server", "--dump"],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    (info,) = json.loads(out)
+    assert info["Name"] == "pgwshard" and info["Phases"] == ["access"]
+    assert isinstance(info["Priority"], int) and info["Version"]
+    fields = info["Schema"]["fields"][0]["config"]["fields"]
+    assert {name for f in fields for name in f} >= {"membership", "nodes", "upstream", "route_prefix"}
+
+
+def test_push_goes_to_the_owner_of_its_group(rpc):
+    iid = start(rpc)
+    for path in ["/metrics/job/batch", "/metrics/job/batch/instance/a", "/metrics/job/nightly/shard/7/dc/x"]:
+        req = run_access(rpc, iid, Request(path))
+        owner = RING.owner(parse_push_path(path))
+        assert req.target == (owner.host, owner.port), path
+        assert req.exit is None
+
+
+def test_every_spelling_of_a_group_reaches_one_owner(rpc):
+    iid = start(rpc)
+    spellings = ["/metrics/job/j/a/1/b/2", "/metrics/job/j/b/2/a/1", "/metrics/job@base64/ag/a@base64/MQ==/b/2",
+                 "/metrics/job/j/job/other/a/1/b/2", "/metrics/job/j/a/0/a/1/b/2?x=y", "/metrics/job/%6A/a/1/b/%32"]
+    targets = {run_access(rpc, iid, Request(p)).target for p in spellings}
+    assert len(targets) == 1 and None not in targets
+
+
+def test_reads_are_left_to_the_route(rpc):
+    iid = start(rpc)
+    for path, method in [("/metrics", "GET"), ("/api/v1/metrics", "GET"), ("/-/healthy", "GET"), ("/", "GET")]:
+        req = run_access(rpc, iid, Request(path, method))
+        assert req.target is None and req.exit is None
+        assert [c[0] for c in req.calls] == ["kong.request.get_raw_path"]
+
+
+def test_push_costs_two_pdk_calls(rpc):
+    iid = start(rpc)
+    req = run_access(rpc, iid, Request("/metrics/job/x/a/b"))
+    assert [c[0] for c in req.calls] == ["kong.request.get_raw_path", "kong.service.set_target"]
+
+
+@pytest.mark.parametrize("path, problem", [
+    ("/metrics/job/x/a", "odd number of components"),
+    ("/metrics/job/", "job name is required"),
+    ("/metrics/job/x/__a/1", 'improper label name "__a"'),
+    ("/metrics/job/x/a@base64/gA", "not valid UTF-8"),
+    ("/metrics/job/x/a/%zz", "invalid URL escape"),
+])
+def test_bad_push_path_is_answered_400_by_the_gateway(rpc, path, problem):
+    iid = start(rpc)
+    req = run_access(rpc, iid, Request(path))
+    assert req.target is None
+    status, body = req.exit
+    assert status == 400 and problem in body["message"]
+
+
+def test_no_members_is_503(rpc, tmp_path):
+    sd = tmp_path / "members.json"
+    sd.write_text("[]")
+    iid = rpc.start_instance("pgwshard", {"membership": "file", "membership_file": str(sd)})
+    req = run_access(rpc, iid, Request("/metrics/job/x"))
+    assert req.exit[0] == 503 and "no healthy pushgateway" in req.exit[1]["message"]
+
+
+def test_route_prefix(rpc):
+    iid = start(rpc, route_prefix="/pgw")
+    assert run_access(rpc, iid, Request("/pgw/metrics/job/x")).target == _owner("/metrics/job/x")
+    assert run_access(rpc, iid, Request("/metrics/job/x")).target is None  # not under the prefix
+
+
+def test_unknown_instance_says_no_plugin_instance(rpc):
+    with pytest.raises(RPCError, match="no plugin instance"):
+        rpc.call("plugin.HandleEvent", {"InstanceId": 987654, "EventName": "access"})
+
+
+@pytest.mark.parametrize("config, field", [
+    ({"nodes": ["not-a-node"]}, "nodes[0]"),
+    ({"membership": "dns"}, "membership"),
+    ({"membership": "upstream"}, "upstream"),
+    ({"refresh_interval": -1}, "refresh_interval"),
+])
+def test_bad_config_fails_instance_start_naming_the_field(rpc, config, field):
+    with pytest.raises(RPCError, match=f"at '{field}'" .replace("[", r"\[").replace("]", r"\]")):
+        start(rpc, **config)
+    # the server still serves
+    iid = start(rpc)
+    assert run_access(rpc, iid, Request("/metrics/job/x")).target is not None
+
+
+def test_step_on_another_connection_than_its_event(rpc):
+    iid = start(rpc)
+    req = run_access(rpc, iid, Request("/metrics/job/x/i/1"), rotate_connections=True)
+    assert req.target == _owner("/metrics/job/x/i/1")
+    assert rpc.connections_opened >= 2
+
+
+def test_instances_restart_after_a_config_change(rpc):
+    old = start(rpc)
+    new = start(rpc, nodes=["127.0.0.1:9201"])
+    rpc.call("plugin.CloseInstance", old)
+    assert run_access(rpc, new, Request("/metrics/job/x")).target == ("127.0.0.1", 9201)
+    with pytest.raises(RPCError, match="no plugin instance"):
+        rpc.call("plugin.HandleEvent", {"InstanceId": old, "EventName": "access"})
+
+
+def _owner(path):
+    owner = RING.owner(parse_push_path(path))
+    return owner.host, owner.port
+
+
+def test_malformed_and_unknown_rpcs_get_errors_and_the_server_goes_on(rpc, server):
+    with pytest.raises(RPCError, match="not supported"):
+        rpc.call("plugin.NoSuchThing")
+    with pytest.raises(RPCError, match="not supported"):
+        rpc.call("other.HandleEvent", {})
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:  # not even msgpack RPC
+        raw.settimeout(5)
+        raw.connect(server.socket_path)
+        raw.sendall(msgpack.packb([0, 1, ["not", "a", "name"], "no list"]))
+        kind, msgid, error, result = msgpack.Unpacker(io.BytesIO(raw.recv(4096))).unpack()
+        assert (kind, msgid, result) == (1, 1, None) and "malformed RPC" in error
+        raw.sendall(b"\xc1garbage")  # never valid msgpack: the server drops this connection only
+        assert raw.recv(4096) == b""
+    for not_rpc in (msgpack.packb(5), msgpack.packb({(1, 2): 1}), msgpack.packb([0, 1])):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+            raw.settimeout(5)
+            raw.connect(server.socket_path)
+            raw.sendall(not_rpc)
+            assert raw.recv(4096) == b""
+    iid = start(rpc)
+    assert run_access(rpc, iid, Request("/metrics/job/x")).target == _owner("/metrics/job/x")
+
+
+def test_a_raising_plugin_gets_kong_an_error_not_a_hang():
+    from kong_pdk.module import Module
+
+    from kong_plugin_pgwshard.plugin.events import PgwshardPluginServer
+
+    class Raises:
+        def __init__(self, config):
+            pass
+
+        def access(self, kong):
+            kong.request.get_raw_path()
+            raise RuntimeError("boom")
+
+    ours = PgwshardPluginServer()
+    ours.plugins["p"] = Module("p", module=type("m", (), {"Plugin": Raises}))
+    iid = ours.start_instance({"Name": "p", "Config": "{}"})["Id"]
+    event = ours.handle_event({"InstanceId": iid, "EventName": "access"})
+    assert event["Data"]["Method"] == "kong.request.get_raw_path"
+    with pytest.raises(PluginServerException, match="boom"):
+        ours.step({"EventId": event["EventId"], "Data": "/x"})
+    assert ours.events == {}
+
+
+def test_the_server_exits_when_kong_is_gone(tmp_path):
+    # A parent that starts the server and exits at once: init adopts the server, as when Kong dies.
+    log = tmp_path / "server.log"
+    launcher = ("import subprocess, sys; p = subprocess.Popen([sys.executable, '-m', 'kong_plugin_pgwshard.plugin.server', "
+                f"'-p', {str(tmp_path)!r}], start_new_session=True, stdin=subprocess.DEVNULL, "
+                f"stdout=open({str(log)!r}, 'w'), stderr=subprocess.STDOUT); print(p.pid)")
+    pid = int(subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, timeout=30,
+                             check=True, cwd=REPO).stdout)
+    try:
+        wait_until(lambda: not os.path.exists(f"/proc/{pid}") or _is_zombie(pid), 20, what="the orphaned server to exit")
+        assert "server started" in log.read_text() and "Kong exits" in log.read_text()
+    finally:
+        if os.path.exists(f"/proc/{pid}") and not _is_zombie(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _is_zombie(pid):
+    try:
+        return proc_stat(pid)[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_events_kong_stopped_stepping_are_dropped_after_their_ttl():
+    from kong_plugin_pgwshard.plugin.events import EVENT_TTL_SECONDS
+    from kong_plugin_pgwshard.plugin.server import build_server
+
+    ours = build_server()
+    iid = ours.start_instance({"Name": "pgwshard", "Config": json.dumps({"nodes": NODES})})["Id"]
+    abandoned = ours.handle_event({"InstanceId": iid, "EventName": "access"})["EventId"]  # its worker died
+    live = ours.handle_event({"InstanceId": iid, "EventName": "access"})["EventId"]
+    later = time.monotonic() + EVENT_TTL_SECONDS - 1
+    ours.events[live] = (ours.events[live][0], later)  # answered recently
+
+    ours.expire_events(later + 2)
+
+    assert list(ours.events) == [live]
+    with pytest.raises(PluginServerException, match="not found"):
+        ours.step({"EventId": abandoned, "Data": "/metrics/job/x"})
+    assert ours.step({"EventId": live, "Data": "/metrics/job/x"})["Data"]["Method"] == "kong.service.set_target"
+
+
+def test_a_path_that_is_not_utf8_gets_400_not_a_dropped_connection(rpc, server):
+    # Kong packs the raw path as a msgpack str whatever its bytes.
+    iid = start(rpc)
+    pack = msgpack.Packer(unicode_errors="surrogateescape").pack
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+        raw.settimeout(5)
+        raw.connect(server.socket_path)
+        unpacker = msgpack.Unpacker(strict_map_key=False, unicode_errors="surrogateescape")
+
+        def call(msgid, method, arg):
+            raw.sendall(pack([0, msgid, method, [arg]]))
+            while True:
+                for message in unpacker:
+                    return message[3]
+                chunk = raw.recv(4096)
+                assert chunk, "the server dropped the connection"
+                unpacker.feed(chunk)
+
+        event = call(1, "plugin.HandleEvent", {"InstanceId": iid, "EventName": "access"})
+        answer = call(2, "plugin.Step", {"EventId": event["EventId"], "Data": b"/metrics/job/x/a/\xff".decode(
+            "utf-8", "surrogateescape")})
+    assert answer["Data"]["Method"] == "kong.response.exit"
+    status, body = answer["Data"]["Args"][:2]
+    assert status == 400 and "not valid UTF-8" in body["message"]
+
+
+def test_out_of_file_descriptors_the_server_waits_instead_of_spinning(tmp_path):
+    from kong_plugin_pgwshard.harness.processes import ManagedProcess
+
+    server = ManagedProcess("plugin-server-lowfd", ["prlimit", "--nofile=24", sys.executable, "-m",
+                                                    "kong_plugin_pgwshard.plugin.server", "-p", str(tmp_path)], cwd=str(REPO))
+    server.start()
+    held = []
+    try:
+        wait_until(lambda: os.path.exists(tmp_path / "pgwshard.sock"), 20, what="the socket")
+        for _ in range(30):  # more than the server may open
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(tmp_path / "pgwshard.sock"))
+            held.append(s)
+        wait_until(lambda: "cannot accept" in server.log(), 10, what="the server to run out of descriptors")
+        before = server.log().count("cannot accept")
+        time.sleep(2)
+        assert server.log().count("cannot accept") - before <= 5  # about one a second, not a flood
+        for s in held:
+            s.close()
+        held.clear()
+        rpc = KongRPC(str(tmp_path / "pgwshard.sock"))  # it accepts again once descriptors are free
+        iid = rpc.start_instance("pgwshard", {"nodes": NODES})
+        assert run_access(rpc, iid, Request("/metrics/job/x")).target == _owner("/metrics/job/x")
+        rpc.close()
+    finally:
+        for s in held:
+            s.close()
+        server.stop()
+
+
+def test_a_step_answers_the_rpc_that_carried_it():
+    # Kong's Step may come on another connection than its event; were connections served by
+    # greenlets of their own (as kong-pdk's gevent listener does), the answer must still go to
+    # the one that carried the Step.
+    from greenlet import greenlet
+
+    from kong_plugin_pgwshard.plugin.server import build_server
+
+    ours = build_server()
+    iid = ours.start_instance({"Name": "pgwshard", "Config": json.dumps({"nodes": NODES})})["Id"]
+    main = greenlet.getcurrent()
+
+    def connection_a():
+        main.switch(ours.handle_event({"InstanceId": iid, "EventName": "access"}))
+        return "connection A's next request"
+
+    event = greenlet(connection_a).switch()
+    answer = ours.step({"EventId": event["EventId"], "Data": "/metrics/job/x"})  # on connection B
+    assert answer["Data"]["Method"] == "kong.service.set_target"

@@ -1,0 +1,177 @@
+"""End to end, real processes only: four pushgateways registered in a real Consul by a real
+pgwshard-sync process, the plugin server behind the OpenResty host following the daemon's
+membership file, and a real Prometheus scraping every pushgateway with honor_labels: true.
+
+Debian's Prometheus is built without Consul discovery, so Prometheus here scrapes all four
+instances from a file (which also catches a group left behind on a non-owner); the Docker stack
+uses consul_sd_configs with the official image.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+import yaml
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    delete_from_gateway,
+    push_to_gateway,
+)
+
+from kong_plugin_pgwshard.core.grouping import GroupingKey, parse_push_path
+from kong_plugin_pgwshard.core.ring import Member, Ring
+from kong_plugin_pgwshard.harness.nginx import NginxHost
+from kong_plugin_pgwshard.harness.processes import (
+    ManagedProcess,
+    PluginServer,
+    Pushgateway,
+    consul_binary,
+    temp_dir,
+    wait_until,
+)
+from kong_plugin_pgwshard.harness.prometheus import Prometheus
+
+pytestmark = pytest.mark.skipif(consul_binary() is None, reason="no consul binary (run .ci/build-consul.sh)")
+
+
+def call(url: str, method: str = "PUT", body: bytes = b"# TYPE e2e_items counter\ne2e_items 7\n") -> int:
+    req = urllib.request.Request(url, data=body if method in ("PUT", "POST") else None, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+class World:
+    def __init__(self, consul):
+        self.consul = consul
+        self.pgws = [Pushgateway().start() for _ in range(4)]
+        self.dir = temp_dir("pgwshard-e2e-")
+        self.members_file = f"{self.dir}/members.json"
+        config = f"{self.dir}/pgwshard.yml"
+        with open(config, "w") as f:
+            yaml.safe_dump({
+                "pushgateways": [p.address for p in self.pgws],
+                "consul": {"address": consul.url, "wait": "5s",
+                           "register": {"enabled": True, "check_interval": "1s", "check_timeout": "1s"}},
+                "membership": {"hold_down": "2s"},
+                "file_sd": {"path": self.members_file},
+                "rebalance": {"enabled": False},
+                "metrics": {"listen": "127.0.0.1:0"},
+            }, f)
+        self.daemon = ManagedProcess("pgwshard-sync", [sys.executable, "-m", "kong_plugin_pgwshard.sync.daemon",
+                                                        "--config", config]).start()
+        wait_until(lambda: len(self.members()) == 4, 30, what="all four healthy in Consul and in the file")
+        self.server = PluginServer().start()
+        self.host = NginxHost(self.server.socket_path, {"membership": "file", "membership_file": self.members_file,
+                                                        "refresh_interval": 0.5},
+                              [p.address for p in self.pgws]).start()
+        self.prometheus = Prometheus([p.address for p in self.pgws]).start()
+
+    def members(self) -> set[str]:
+        try:
+            with open(self.members_file) as f:
+                return set(json.load(f)[0]["targets"])
+        except (OSError, ValueError, IndexError):
+            return set()
+
+    def ring(self) -> Ring:
+        return Ring(Member.parse(m) for m in self.members())
+
+    def holders(self, key: GroupingKey) -> list[str]:
+        return [p.address for p in self.pgws if p.running
+                and any(GroupingKey.from_labels(g["labels"]) == key for g in p.groups())]
+
+    def stop(self):
+        for part in (self.prometheus, self.host, self.server, self.daemon, *self.pgws):
+            part.stop()
+
+
+@pytest.fixture(scope="module")
+def world():
+    from kong_plugin_pgwshard.harness.processes import Consul
+    consul = Consul().start()
+    w = None
+    try:
+        w = World(consul)
+        yield w
+    finally:
+        if w:
+            w.stop()
+        consul.stop()
+
+
+def test_pushes_spread_over_every_instance_each_on_its_owner(world):
+    paths = [f"/metrics/job/batch/instance/host-{i}" for i in range(80)]
+    for path in paths:
+        assert call(world.host.url + path) == 200
+    ring = world.ring()
+    for path in paths:
+        key = parse_push_path(path)
+        assert world.holders(key) == [ring.owner(key).name], path
+    assert all(p.groups() for p in world.pgws)
+
+
+def test_every_spelling_of_a_group_lands_on_one_instance(world):
+    spellings = ["/metrics/job/spell/a/1/b/x", "/metrics/job/spell/b/x/a/1", "/metrics/job@base64/c3BlbGw/a/1/b@base64/eA",
+                 "/metrics/job/spell/job/decoy/a/1/b/x", "/metrics/job/%73pell/a/%31/b/x"]
+    for path in spellings:
+        assert call(world.host.url + path) == 200
+    key = GroupingKey.from_labels({"job": "spell", "a": "1", "b": "x"})
+    assert world.holders(key) == [world.ring().owner(key).name]
+
+
+def test_prometheus_client_default_handler_works_through_the_gateway(world):
+    registry = CollectorRegistry()
+    Counter("e2e_client_runs", "runs", registry=registry).inc(5)
+    grouping = {"instance": "worker/7", "region": "eu west"}
+    push_to_gateway(world.host.url, "client-job", registry, grouping_key=grouping)
+    key = GroupingKey.from_labels({"job": "client-job", **grouping})
+    assert world.holders(key) == [world.ring().owner(key).name]
+    delete_from_gateway(world.host.url, "client-job", grouping_key=grouping)
+    wait_until(lambda: world.holders(key) == [], 5, what="DELETE reached the owner")
+
+
+def test_bad_paths_are_answered_400_by_the_gateway(world):
+    before = sum(len(p.groups()) for p in world.pgws)
+    for path in ["/metrics/job/x/odd", "/metrics/job/", "/metrics/job/x/__name__/y", "/metrics/job/x/a@base64/%%%"]:
+        assert call(world.host.url + path) == 400, path
+    assert sum(len(p.groups()) for p in world.pgws) == before
+
+
+def test_prometheus_sees_each_group_from_exactly_one_instance(world):
+    for i in range(30):
+        assert call(world.host.url + f"/metrics/job/scraped/instance/s{i}") == 200
+
+    def scraped_once() -> bool:
+        series = world.prometheus.query('count by (job, instance) (e2e_items{job="scraped"})')
+        return len(series) == 30 and all(s["value"][1] == "1" for s in series)
+
+    wait_until(scraped_once, 30, interval=0.5, what="30 groups, each from one pushgateway")
+    assert {s["metric"]["pgw"] for s in world.prometheus.query('e2e_items{job="scraped"}')} <= \
+        {p.address for p in world.pgws}
+
+
+def test_killing_one_instance_moves_only_its_groups(world):
+    paths = [f"/metrics/job/kill/instance/k{i}" for i in range(60)]
+    for path in paths:
+        assert call(world.host.url + path) == 200
+    before = world.ring()
+    owners = {p: before.owner(parse_push_path(p)).name for p in paths}
+    victim = world.pgws[0]
+    victim.kill()
+    wait_until(lambda: victim.address not in world.members(), 15, what="the dead instance leaves the membership")
+    after = world.ring()
+    # The plugin reads the file every 0.5 s; until then a push owned by the dead instance gets 502.
+    wait_until(lambda: all(call(world.host.url + p) == 200 for p in paths), 10, what="plugin follows")
+    for path in paths:
+        key = parse_push_path(path)
+        if owners[path] != victim.address:
+            assert world.holders(key) == [owners[path]], path  # untouched groups stay where they were
+        else:
+            assert world.holders(key) == [after.owner(key).name], path

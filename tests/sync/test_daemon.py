@@ -1,0 +1,370 @@
+"""pgwshard-sync against real pushgateways and a real Consul: membership follows health."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from contextlib import contextmanager
+
+import pytest
+
+from kong_plugin_pgwshard.core.grouping import GroupingKey
+from kong_plugin_pgwshard.core.ring import Member, Ring
+from kong_plugin_pgwshard.harness.processes import (
+    Consul,
+    Pushgateway,
+    free_port,
+    http_get,
+    wait_until,
+)
+from kong_plugin_pgwshard.sync.daemon import Daemon, Damper
+from kong_plugin_pgwshard.sync.settings import parse_settings
+
+CONSUL_TOKEN = "consul-token-never-logged"
+KONG_TOKEN = "kong-admin-token-never-logged"
+
+
+@contextmanager
+def running(daemon: Daemon):
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop.set()
+        thread.join(15)
+        assert not thread.is_alive()
+
+
+def file_members(path) -> set[str] | None:
+    try:
+        return set(json.loads(path.read_text())[0]["targets"])
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.fixture
+def restart():
+    """restart(pgw): the same instance (port, data) started again; stopped when the test ends."""
+    started: list[Pushgateway] = []
+
+    def start_again(pgw: Pushgateway) -> Pushgateway:
+        started.append(Pushgateway(port=pgw.port, data_dir=pgw.data_dir))
+        return started[-1].start()
+
+    yield start_again
+    for pgw in started:
+        pgw.stop()
+
+
+def probe_settings(pgws, sd_path, hold_down=1.5):
+    return parse_settings({
+        "pushgateways": [p.address for p in pgws],
+        "health": {"probes": {"interval": 0.2, "timeout": 0.5, "rise": 2, "fall": 1}},
+        "membership": {"hold_down": hold_down},
+        "file_sd": {"path": str(sd_path)},
+        "rebalance": {"enabled": False},
+    }, "test")
+
+
+def test_probes_kill_leaves_restart_rejoins_after_hold_down(pushgateways, restart, tmp_path):
+    pgws = pushgateways(3)
+    sd = tmp_path / "sd.json"
+    everyone = {p.address for p in pgws}
+    with running(Daemon(probe_settings(pgws, sd))) as daemon:
+        wait_until(lambda: file_members(sd) == everyone, 10, what="all three members")
+        pgws[0].kill()
+        wait_until(lambda: file_members(sd) == everyone - {pgws[0].address}, 5, what="dead one leaves")
+        pgws[0] = restart(pgws[0])
+        back = time.monotonic()
+        wait_until(lambda: file_members(sd) == everyone, 10, what="it rejoins")
+        assert time.monotonic() - back >= 1.5 - 0.3  # held down, not re-added at its first success
+        assert daemon.registry.get_sample_value("pgwshard_membership_changes_total") == 3
+
+
+def test_flapping_member_stays_out_until_stable(pushgateways, restart, tmp_path):
+    pgws = pushgateways(3)
+    sd = tmp_path / "sd.json"
+    with running(Daemon(probe_settings(pgws, sd, hold_down=2.0))) as daemon:
+        wait_until(lambda: len(file_members(sd) or ()) == 3, 10, what="three members")
+        flapper = pgws[2]
+        member = Member.parse(flapper.address)
+        for _ in range(3):  # down and up again faster than the hold-down
+            flapper.kill()
+            wait_until(lambda: daemon.source._healthy.get(member) is False, 5,
+                       what="the probes see it down")
+            wait_until(lambda: flapper.address not in file_members(sd), 5, what="it leaves at once")
+            flapper = restart(flapper)
+            wait_until(lambda: daemon.source._healthy.get(member) is True, 5, what="the probes see it up")
+            assert flapper.address not in file_members(sd)  # healthy again, but held down
+            pgws[2] = flapper
+        wait_until(lambda: flapper.address in file_members(sd), 10, what="stable flapper rejoins")
+        # start, one leave, one rejoin: undamped, the three flaps would have made 1 + 3 + 3
+        assert daemon.registry.get_sample_value("pgwshard_membership_changes_total") == 3
+
+
+def test_a_truly_empty_set_is_written_after_the_hold_down(pushgateways, tmp_path):
+    pgws = pushgateways(2)
+    sd = tmp_path / "sd.json"
+    with running(Daemon(probe_settings(pgws, sd, hold_down=1.0))):
+        wait_until(lambda: len(file_members(sd) or ()) == 2, 10, what="two members")
+        for p in pgws:
+            p.kill()
+        wait_until(lambda: file_members(sd) == set(), 10, what="empty membership")
+
+
+@pytest.fixture
+def consul_stack(consul, pushgateways, kong_admin, tmp_path):
+    pgws = pushgateways(3)
+    kong = kong_admin()
+    settings = parse_settings({
+        "pushgateways": [p.address for p in pgws],
+        "consul": {"address": consul.url, "token": CONSUL_TOKEN, "wait": "2s", "backoff": [0.2, 0.5],
+                   "register": {"enabled": True, "check_interval": "1s", "check_timeout": "1s"}},
+        "membership": {"hold_down": "1s"},
+        "kong": {"admin_url": kong.url, "upstream": "pushgateways"},
+        "file_sd": {"path": str(tmp_path / "sd.json")},
+        "rebalance": {"enabled": False},
+    }, "test")
+    return consul, pgws, kong, settings
+
+
+def test_consul_membership_follows_health_and_survives_an_outage(consul_stack, restart, caplog):
+    consul, pgws, kong, settings = consul_stack
+    everyone = sorted(p.address for p in pgws)
+    caplog.set_level(logging.INFO)
+    daemon = Daemon(settings)
+    with running(daemon):
+        wait_until(lambda: kong.target_names("pushgateways") == everyone, 20, what="registered and healthy")
+        services = json.loads(urllib.request.urlopen(consul.url + "/v1/agent/services", timeout=5).read())
+        assert {s["Meta"]["managed-by"] for s in services.values()} == {"pgwshard"}
+
+        pgws[1].kill()
+        wait_until(lambda: kong.target_names("pushgateways") == sorted(set(everyone) - {pgws[1].address}), 15,
+                   what="killed instance leaves")
+        pgws[1] = restart(pgws[1])
+        wait_until(lambda: kong.target_names("pushgateways") == everyone, 15, what="restarted instance returns")
+
+        consul.proc.send_signal(signal.SIGSTOP)  # Consul hangs: unreachable is not "nobody is healthy"
+        try:
+            wait_until(lambda: daemon.registry.get_sample_value("pgwshard_health_source_up") == 0, 30,
+                       what="outage reported")
+            assert kong.target_names("pushgateways") == everyone
+            assert daemon.registry.get_sample_value("pgwshard_health_source_errors_total") >= 1
+            # the metric flips just before the line is logged, in the daemon's thread
+            wait_until(lambda: "keeping 3 members" in caplog.text, 5, what="outage logged")
+        finally:
+            consul.proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: daemon.registry.get_sample_value("pgwshard_health_source_up") == 1, 30,
+                   what="sync resumes")
+        pgws[2].kill()  # and changes flow again
+        wait_until(lambda: kong.target_names("pushgateways") == sorted(set(everyone) - {pgws[2].address}), 15,
+                   what="sync resumed")
+    assert CONSUL_TOKEN not in caplog.text
+
+
+def test_consul_down_at_start_writes_nothing(consul_stack):
+    consul, pgws, kong, settings = consul_stack
+    consul.stop()
+    kong.add_upstream("pushgateways", ["10.9.9.9:9091"])  # what Kong had before the daemon started
+    daemon = Daemon(settings)
+    with running(daemon):
+        wait_until(lambda: (daemon.registry.get_sample_value("pgwshard_health_source_errors_total") or 0) >= 2, 15,
+                   what="errors counted")
+        assert kong.target_names("pushgateways") == ["10.9.9.9:9091"]
+        assert kong.writes == []
+
+
+def test_consul_restarted_empty_is_re_registered_and_nothing_is_removed(consul_stack):
+    consul, pgws, kong, settings = consul_stack
+    everyone = sorted(p.address for p in pgws)
+    daemon = Daemon(settings)
+    with running(daemon):
+        wait_until(lambda: kong.target_names("pushgateways") == everyone, 20, what="registered and healthy")
+        consul.stop()  # a dev agent comes back with no services: the daemon must register them again
+        wait_until(lambda: daemon.registry.get_sample_value("pgwshard_health_source_up") == 0, 15,
+                   what="outage reported")
+        writes_before = len(kong.writes)
+        again = Consul(http_port=consul.http_port)
+        try:
+            again.start()
+            wait_until(lambda: daemon.registry.get_sample_value("pgwshard_health_source_up") == 1, 20,
+                       what="sync resumes")
+            wait_until(lambda: len(daemon.damper._healthy) == 3, 20, what="re-registered and passing again")
+            assert kong.target_names("pushgateways") == everyone
+            assert kong.writes[writes_before:] == []  # not emptied while the new registrations were critical
+        finally:
+            again.stop()
+
+
+def sync_process(config_path, *extra, env_token: str) -> subprocess.Popen:
+    env = {**os.environ, "KONG_ADMIN_TOKEN": env_token}
+    return subprocess.Popen([sys.executable, "-m", "kong_plugin_pgwshard.sync.daemon", "--config", str(config_path), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
+                            text=True)
+
+
+@pytest.fixture
+def process_stack(pushgateways, kong_admin, tmp_path):
+    pgws = pushgateways(2)
+    kong = kong_admin(token=KONG_TOKEN)
+    port = free_port()
+    config = tmp_path / "pgwshard.yml"
+    config.write_text(json.dumps({
+        "pushgateways": [p.address for p in pgws],
+        "health": {"probes": {"interval": "200ms", "timeout": "500ms"}},
+        "kong": {"admin_url": kong.url},
+        "file_sd": {"path": str(tmp_path / "sd.json")},
+        "rebalance": {"enabled": False},
+        "metrics": {"listen": f"127.0.0.1:{port}"},
+    }))
+    return pgws, kong, config, port
+
+
+def test_the_process_serves_metrics_logs_json_without_tokens_and_stops_on_sigterm(process_stack, tmp_path):
+    pgws, kong, config, port = process_stack
+    proc = sync_process(config, env_token=KONG_TOKEN)
+    try:
+        everyone = sorted(p.address for p in pgws)
+        wait_until(lambda: kong.target_names("pushgateways") == everyone, 15, what="targets written")
+        wait_until(lambda: b"pgwshard_members 2.0" in http_get(f"http://127.0.0.1:{port}/metrics")[1], 10,
+                   what="metrics served")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=5)
+    assert proc.returncode == 0
+    lines = [json.loads(line) for line in err.splitlines()]  # every line is a JSON object
+    assert any("membership change" in entry["msg"] for entry in lines) and lines[-1]["msg"] == "stopped"
+    assert KONG_TOKEN not in out + err
+
+
+def test_once_syncs_and_exits(process_stack, tmp_path):
+    pgws, kong, config, _ = process_stack
+    proc = sync_process(config, "--once", env_token=KONG_TOKEN)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert kong.target_names("pushgateways") == sorted(p.address for p in pgws)
+    assert file_members(tmp_path / "sd.json") == {p.address for p in pgws}
+    assert KONG_TOKEN not in out + err
+
+
+def test_damper_rules_on_a_clock():
+    now = [0.0]
+    damper = Damper(hold_down=5.0, clock=lambda: now[0])
+    a, b, c = (Member("127.0.0.1", port) for port in (1, 2, 3))
+    damper.observe(frozenset({a, b, c}))
+    damper.applied = damper.decide()
+    assert damper.applied == {a, b, c}  # the first set applies at once
+
+    damper.observe(frozenset({a, b}))
+    damper.applied = damper.decide()
+    assert damper.applied == {a, b}  # a failure leaves at once
+
+    damper.observe(frozenset({a, b, c}))
+    now[0] = 4.9
+    assert damper.decide() == {a, b}  # back, but not for hold_down yet
+    now[0] = 5.0
+    damper.applied = damper.decide()
+    assert damper.applied == {a, b, c}
+
+    damper.settle()  # the source just came back from an outage
+    damper.observe(frozenset({a}))
+    now[0] = 9.9
+    assert damper.decide() == {a, b, c} and damper.next_deadline() == 10.0  # partial view: held
+    now[0] = 10.0
+    assert damper.decide() == {a}
+
+    damper.observe(frozenset())
+    now[0] = 14.9
+    assert damper.decide() == damper.applied  # empty: held for hold_down
+    now[0] = 15.0
+    assert damper.decide() == frozenset()
+
+
+def test_a_failing_sink_is_counted_and_does_not_hold_back_the_others(pushgateways, kong_admin, tmp_path):
+    pgws = pushgateways(2)
+    kong = kong_admin()
+    kong.stop()  # Kong's Admin API is down for the whole test
+    sd = tmp_path / "sd.json"
+    settings = parse_settings({
+        "pushgateways": [p.address for p in pgws],
+        "health": {"probes": {"interval": 0.2, "timeout": 0.5, "rise": 1, "fall": 1}},
+        "kong": {"admin_url": kong.url},
+        "file_sd": {"path": str(sd)},
+        "rebalance": {"enabled": False},
+    }, "test")
+    daemon = Daemon(settings)
+    kong_sink = next(s.name for s in daemon.sinks if s.name.startswith("kong"))
+    with running(daemon):
+        wait_until(lambda: file_members(sd) == {p.address for p in pgws}, 10, what="file_sd written")
+        pgws[0].kill()
+        wait_until(lambda: file_members(sd) == {pgws[1].address}, 10, what="file_sd follows health")
+        wait_until(lambda: (daemon.registry.get_sample_value("pgwshard_sync_errors_total", {"sink": kong_sink})
+                            or 0) >= 2, 10, what="kong failures counted")
+        assert daemon.registry.get_sample_value("pgwshard_seconds_since_last_good_sync") == -1
+
+
+def test_an_applied_change_triggers_a_reconciliation_that_drains_the_leaver(pushgateways, restart, tmp_path):
+    pgws = pushgateways(2)
+    sd = tmp_path / "sd.json"
+    settings = parse_settings({
+        "pushgateways": [p.address for p in pgws],
+        "health": {"probes": {"interval": 0.2, "timeout": 0.5, "rise": 1, "fall": 1}},
+        "membership": {"hold_down": 0.5},
+        "file_sd": {"path": str(sd)},
+        "rebalance": {"enabled": True, "interval": "60s", "max_ops_per_second": 200},
+    }, "test")
+    keys = [GroupingKey.from_labels({"job": "batch", "instance": f"i{n}"}) for n in range(8)]
+    with running(Daemon(settings)) as daemon:
+        wait_until(lambda: file_members(sd) == {p.address for p in pgws}, 10, what="both members")
+        pgws[1].kill()
+        wait_until(lambda: file_members(sd) == {pgws[0].address}, 10, what="one member left")
+        for key in keys:  # pushed while only pgws[0] owns everything
+            req = urllib.request.Request(pgws[0].url + key.path(), data=b"batch_done 1\n", method="PUT")
+            urllib.request.urlopen(req, timeout=5).close()
+        pgws[1] = restart(pgws[1])
+        wait_until(lambda: file_members(sd) == {p.address for p in pgws}, 10, what="it rejoins")
+        ring = Ring(Member.parse(p.address) for p in pgws)
+        theirs = {str(k) for k in keys if ring.owner(k).name == pgws[1].address}
+        assert theirs  # eight keys over two owners: both own some
+
+        def held_by(pgw) -> set[str]:
+            return {str(GroupingKey.from_labels(g["labels"])) for g in pgw.groups()}
+
+        # the rejoin alone triggers the pass (the periodic one is 60 s away)
+        wait_until(lambda: held_by(pgws[1]) == theirs and not held_by(pgws[0]) & theirs, 15,
+                   what="groups moved to their new owner")
+        assert daemon.registry.get_sample_value("pgwshard_rebalance_groups_moved_total") == len(theirs)
+
+
+def test_drift_in_kong_is_repaired_without_a_membership_change(pushgateways, kong_admin, tmp_path):
+    """A Kong node that restarts reloads its declarative file with every target, and targets
+    can be edited by hand: the periodic resync puts the healthy set back."""
+    pgws = pushgateways(2)
+    kong = kong_admin()
+    settings = parse_settings({
+        "pushgateways": [p.address for p in pgws],
+        "health": {"probes": {"interval": 0.2, "timeout": 0.5}},
+        "kong": {"admin_url": kong.url},
+        "rebalance": {"enabled": False},
+    }, "test")
+    daemon = Daemon(settings)
+    daemon.resync_interval = 0.5
+    everyone = sorted(p.address for p in pgws)
+    with running(daemon):
+        wait_until(lambda: kong.target_names("pushgateways") == everyone, 10, what="targets written")
+        kong.targets["pushgateways"].append(kong._target("pushgateways", "10.9.9.9:9091", 100))  # stale target
+        kong.targets["pushgateways"] = [t for t in kong.targets["pushgateways"] if t["target"] != everyone[0]]
+        wait_until(lambda: kong.target_names("pushgateways") == everyone, 10, what="drift repaired")
+        writes = len(kong.writes)
+        time.sleep(1.5)  # resyncs of an equal set write nothing
+        assert len(kong.writes) == writes

@@ -1,0 +1,75 @@
+"""pgwshard-sync's config: every error names the key and the file; secrets stay out of reprs."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from kong_plugin_pgwshard.errors import ConfigError
+from kong_plugin_pgwshard.sync.settings import load_settings
+
+EXAMPLE = "kong/pgwshard.yml"
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "pgwshard.yml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_example_config_is_valid():
+    settings = load_settings(EXAMPLE)
+    assert settings.source == "consul" and settings.kong and settings.file_sd
+
+
+def test_defaults(tmp_path):
+    s = load_settings(write(tmp_path, "pushgateways: ['127.0.0.1:9091']\n"))
+    assert s.source == "probes" and s.probes.rise == 2 and s.hold_down == 5.0 and s.kong is None
+
+
+@pytest.mark.parametrize("text, key, message", [
+    ("pushgateways: ['nope']", "pushgateways[0]", "expected host:port"),
+    ("pushgateways: ['a:1']\nhealth: {probes: {interval: soon}}", "health.probes.interval", "expected a duration"),
+    ("pushgateways: ['a:1']\nhealth: {probes: {rise: 1.5}}", "health.probes.rise", "whole number"),
+    ("pushgateways: ['a:1']\nhealth: {source: dns}", "health.source", "expected one of"),
+    ("pushgateways: ['a:1']\nconsul: {wait: forever}", "consul.wait", "expected a duration"),
+    ("pushgateways: ['a:1']\nconsul: {adress: x}", "consul.adress", "unknown key"),
+    ("pushgateways: ['a:1']\nkong: {mode: declarative}", "kong.declarative_file", "is required"),
+    ("pushgateways: ['a:1']\nkong: {mode: dbless}", "kong.mode", "expected one of"),
+    ("pushgateways: ['a:1']\nfile_sd: {}", "file_sd.path", "is required"),
+    ("health: {source: probes}", "pushgateways", "is required"),
+    ("health: {source: consul}", "health.source", "no consul section"),
+    ("pushgateways: ['a:1']\nrebalance: {max_ops_per_second: 0}", "rebalance.max_ops_per_second", "at least"),
+    ("pushgateways: ['a:1']\nconsul: {register: {deregister_after: 10s}}", "consul.register.deregister_after", "at least 60"),
+    ("pushgateways: ['a:1']\nextra: 1", "extra", "unknown key"),
+    ("- a\n- b", "<top>", "expected a mapping"),
+])
+def test_errors_name_the_key_and_the_file(tmp_path, text, key, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    assert err.value.key == key and err.value.source == path
+    assert message in str(err.value) and path in str(err.value) and repr(key) in str(err.value)
+
+
+def test_unreadable_and_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(str(tmp_path / "missing.yml"))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(write(tmp_path, "a: [b"))
+
+
+def test_secrets_from_environment_and_never_in_repr(tmp_path):
+    path = write(tmp_path, "pushgateways: ['a:1']\nconsul: {}\nkong: {}\n")
+    s = load_settings(path, environ={"CONSUL_HTTP_TOKEN": "consul-secret", "KONG_ADMIN_TOKEN": "kong-secret"})
+    assert s.consul.token == "consul-secret" and s.kong.admin_token == "kong-secret"
+    assert "consul-secret" not in repr(s) and "kong-secret" not in repr(s)
+
+
+def test_bad_config_stops_the_daemon_at_start(tmp_path):
+    path = write(tmp_path, "pushgateways: ['a:1']\nmembership: {hold_down: later}\n")
+    result = subprocess.run([sys.executable, "-m", "kong_plugin_pgwshard.sync.daemon", "--config", path],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert "membership.hold_down" in result.stderr and path in result.stderr
