@@ -9,13 +9,14 @@ import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
 import yaml
 
-from ..clients.kong import KongAdmin
+from ..clients.kong import KongAdmin, KongBusy
 from ..core.file_sd import render_file_sd
 from ..core.ring import Member
 from ..errors import UpstreamError
@@ -33,7 +34,9 @@ class Sink(Protocol):
 
 
 class AdminApiSink:
-    """Kong in DB mode: the upstream's targets, with the fewest writes that make them equal."""
+    """Kong in DB mode (or a hybrid control plane): the upstream's targets, with the fewest writes
+    that make them equal. Kong lists targets in its normalised spelling (kong/db/dao/targets.lua),
+    the one Member.name gives, so an equal set costs no write."""
 
     def __init__(self, admin: KongAdmin, upstream: str):
         self.admin, self.upstream = admin, upstream
@@ -52,17 +55,21 @@ class AdminApiSink:
                 self.admin.set_weight(self.upstream, current[name]["id"], member.weight)
                 log.info("%s: target %s weight now %d", self.name, name, member.weight)
         for name in sorted(current.keys() - wanted.keys()):
-            self.admin.delete_target(self.upstream, name)
+            self.admin.delete_target(self.upstream, current[name]["id"])  # by id: no spelling to match
             log.info("%s: removed target %s", self.name, name)
 
 
 class DeclarativeSink:
     """Kong DB-less: the user's declarative file with the upstream's targets replaced, POSTed to
-    /config of every node. Every node is tried; the failures are reported together."""
+    /config of every node. Every node is tried; the failures are reported together. A node that
+    answered 429 (still loading a previous config) is left alone for its Retry-After."""
 
-    def __init__(self, nodes: Sequence[KongAdmin], declarative_file: str, upstream: str):
+    def __init__(self, nodes: Sequence[KongAdmin], declarative_file: str, upstream: str,
+                 clock: Callable[[], float] = time.monotonic):
         self.nodes, self.declarative_file, self.upstream = list(nodes), declarative_file, upstream
         self.name = f"kong-declarative {declarative_file}"
+        self._clock = clock
+        self._busy_until: dict[str, float] = {}  # node url -> when its Retry-After ends
 
     def render(self, members: Sequence[Member]) -> dict:
         """The user's declarative config, re-read each time, with only this upstream's targets replaced."""
@@ -84,9 +91,16 @@ class DeclarativeSink:
         doc = self.render(members)
         failures = []
         for node in self.nodes:
+            wait = self._busy_until.get(node.url, 0.0) - self._clock()
+            if wait > 0:
+                failures.append(f"{node.url}: loading a previous configuration, next try in {wait:.1f} s")
+                continue
             try:
                 if node.post_config(doc):
                     log.info("loaded %d targets into %s", len(members), node.url)
+            except KongBusy as err:
+                self._busy_until[node.url] = self._clock() + err.retry_after
+                failures.append(str(err))
             except UpstreamError as err:
                 failures.append(str(err))
         if failures:

@@ -36,7 +36,7 @@ def test_plugin_follows_the_kong_upstream_and_keeps_the_last_good_set(plugin_ser
                                           "admin_url": kong.url, "refresh_interval": 0.2})
     assert targets_of(rpc, iid) == {("127.0.0.1", 9401)}
 
-    kong.targets["pushgateways"].append(kong._target("pushgateways", B, 100))
+    kong.add_target("pushgateways", B)
     wait_until(lambda: targets_of(rpc, iid) == {("127.0.0.1", 9401), ("127.0.0.1", 9402)}, 10, what="B joins")
     assert "added ['127.0.0.1:9402']" in server.log()
 

@@ -362,7 +362,7 @@ def test_drift_in_kong_is_repaired_without_a_membership_change(pushgateways, kon
     everyone = sorted(p.address for p in pgws)
     with running(daemon):
         wait_until(lambda: kong.target_names("pushgateways") == everyone, 10, what="targets written")
-        kong.targets["pushgateways"].append(kong._target("pushgateways", "10.9.9.9:9091", 100))  # stale target
+        kong.add_target("pushgateways", "10.9.9.9:9091")  # stale target
         kong.targets["pushgateways"] = [t for t in kong.targets["pushgateways"] if t["target"] != everyone[0]]
         wait_until(lambda: kong.target_names("pushgateways") == everyone, 10, what="drift repaired")
         writes = len(kong.writes)

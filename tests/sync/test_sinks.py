@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from kong_plugin_pgwshard.clients.kong import KongAdmin
+from tests.support.kong_admin_double import kong_target
 from kong_plugin_pgwshard.core.ring import Member
 from kong_plugin_pgwshard.errors import UpstreamError
 from kong_plugin_pgwshard.sync.settings import FileSdSettings, KongSettings, Settings
@@ -40,7 +41,7 @@ def test_admin_sink_makes_the_fewest_writes(kong_admin):
     assert kong.writes == [("POST", "/upstreams/pushgateways/targets")]
     kong.writes.clear()
     sink.apply([B, C])
-    assert kong.writes == [("DELETE", f"/upstreams/pushgateways/targets/{A.name}")]
+    assert [w[0] for w in kong.writes] == ["DELETE"] and kong.target_names("pushgateways") == [B.name, C.name]
     kong.writes.clear()
     sink.apply([B, Member(C.host, C.port, 50)])
     assert [w[0] for w in kong.writes] == ["PATCH"]
@@ -52,7 +53,9 @@ def test_admin_sink_reads_every_page(kong_admin):
     many = [Member("10.1.%d.%d" % (i // 200, i % 200 + 1), 9091) for i in range(2500)]
     kong.add_upstream("pushgateways", [m.name for m in many])
     AdminApiSink(KongAdmin(kong.url), "pushgateways").apply(many[:-1])
-    assert kong.writes == [("DELETE", f"/upstreams/pushgateways/targets/{many[-1].name}")]
+    assert [w[0] for w in kong.writes] == ["DELETE"]
+    assert kong.target_names("pushgateways") == sorted(m.name for m in many[:-1])
+    assert len([r for r in kong.requests if r[0] == "GET"]) == 1 + 3  # the upstream, then pages of 1000
 
 
 def test_admin_token_is_sent_and_never_logged(kong_admin, caplog):
@@ -68,8 +71,32 @@ def test_admin_token_is_sent_and_never_logged(kong_admin, caplog):
 
 def test_db_less_kong_refuses_entity_writes_so_the_declarative_sink_is_needed(kong_admin, tmp_path):
     kong = kong_admin(db_less=True)
-    with pytest.raises(UpstreamError, match="405.*kong.mode: declarative"):
+    kong.add_upstream("pushgateways")  # POST /upstreams would be refused the same way
+    with pytest.raises(UpstreamError, match="405.*cannot create 'targets'.*kong.mode: declarative"):
         AdminApiSink(KongAdmin(kong.url), "pushgateways").apply([A])
+
+
+def test_the_admin_sink_pointed_at_a_status_api_says_so(kong_admin):
+    status = kong_admin(status_api=True)
+    with pytest.raises(UpstreamError, match="read-only Kong API"):
+        AdminApiSink(KongAdmin(status.url), "pushgateways").apply([A])
+
+
+V6 = [Member.parse("[::1]:9091"), Member.parse("[2001:DB8::7]:9091")]
+
+
+@pytest.mark.skipif(Member.parse("[::1]:1").name == "[::1]:1",
+                    reason="core/ring.py does not normalise member names yet (the schema helper's change)")
+def test_ipv6_members_that_kong_respells_cost_no_write_once_there(kong_admin):
+    kong = kong_admin()
+    sink = AdminApiSink(KongAdmin(kong.url), "pushgateways")
+    sink.apply(V6)
+    assert kong.target_names("pushgateways") == sorted(kong_target(m.name) for m in V6)
+    kong.writes.clear()
+    sink.apply(V6)  # Kong lists [0000:...:0001]:9091: the same member, nothing re-POSTed (no 409)
+    assert kong.writes == []
+    sink.apply(V6[:1])
+    assert kong.target_names("pushgateways") == [kong_target(V6[0].name)]
 
 
 def _user_config(tmp_path):
@@ -110,6 +137,28 @@ def test_declarative_sink_one_failing_node_does_not_block_the_others(kong_admin,
     with pytest.raises(UpstreamError, match=bad.url):
         sink.apply([C])
     assert good.target_names("pushgateways") == [C.name]
+
+
+def test_declarative_sink_leaves_a_busy_node_alone_for_its_retry_after(kong_admin, tmp_path):
+    busy, free = kong_admin(db_less=True), kong_admin(db_less=True)
+    busy.busy = 7  # kong/api/routes/config.lua: 429, Retry-After: 7
+    now = [100.0]
+    sink = DeclarativeSink([KongAdmin(busy.url), KongAdmin(free.url)], str(_user_config(tmp_path)),
+                           "pushgateways", clock=lambda: now[0])
+    with pytest.raises(UpstreamError, match="429"):
+        sink.apply([A])
+    assert free.target_names("pushgateways") == [A.name] and busy.target_names("pushgateways") == []
+    posts = lambda: len([r for r in busy.requests if r[0] == "POST"])  # noqa: E731
+    assert posts() == 1
+    busy.busy = None
+    now[0] += 6.9  # the daemon retries within the 7 s: the busy node is not asked again
+    with pytest.raises(UpstreamError, match="next try in 0.1 s"):
+        sink.apply([A])
+    assert posts() == 1
+    now[0] += 0.2
+    sink.apply([A])  # after Retry-After: loaded; the other node answers 304
+    assert busy.target_names("pushgateways") == [A.name] and posts() == 2
+    assert free.writes == [("POST", "/config")]
 
 
 def test_file_sd_sink_writes_atomically(tmp_path):
