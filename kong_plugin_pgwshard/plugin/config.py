@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.ring import Member
@@ -26,7 +26,15 @@ SCHEMA = (
                "description": "membership static: pushgateways as host:port"}},
     {"upstream": {"type": "string", "description": "membership upstream: the Kong upstream whose targets are the members"}},
     {"admin_url": {"type": "string", "default": "http://127.0.0.1:8001",
-                   "description": "membership upstream: this node's Kong Admin API (token from env KONG_ADMIN_TOKEN)"}},
+                   "description": "membership upstream: the Kong API of this node that serves the upstream's "
+                                  "targets: its Admin API (DB mode), or its Status API (status_listen) on "
+                                  "DB-less nodes and hybrid data planes"}},
+    # Kong resolves a {vault://...} reference in a referenceable field before the config reaches
+    # the plugin server (kong/db/schema/init.lua process_auto_fields, plugins_iterator.lua).
+    {"admin_token": {"type": "string", "referenceable": True,
+                     "description": "membership upstream: sent as Kong-Admin-Token (Kong Enterprise RBAC or a "
+                                    "proxy in front of the Admin API); best as {vault://env/kong-admin-token}; "
+                                    "unset: env KONG_ADMIN_TOKEN"}},
     {"membership_file": {"type": "string", "description": "membership file: Prometheus file_sd JSON written by pgwshard-sync"}},
     {"refresh_interval": {"type": "number", "default": 2, "gt": 0,
                           "description": "seconds between background membership refreshes"}},
@@ -41,7 +49,7 @@ class PluginConfig:
     nodes: tuple[Member, ...] = ()
     upstream: str | None = None
     admin_url: str = "http://127.0.0.1:8001"
-    admin_token: str | None = None
+    admin_token: str | None = field(default=None, repr=False)  # a secret: never in a repr or a log
     membership_file: str | None = None
     refresh_interval: float = 2.0
     route_prefix: str = ""
@@ -68,9 +76,10 @@ class PluginConfig:
         interval = get("refresh_interval", 2)
         if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0:
             raise ConfigError(f"must be a number of seconds > 0, got {interval!r}", key="refresh_interval")
-        for key in ("upstream", "admin_url", "membership_file", "route_prefix"):
+        for key in ("upstream", "admin_url", "admin_token", "membership_file", "route_prefix"):
             if not isinstance(get(key, ""), str):
-                raise ConfigError(f"must be a string, got {config[key]!r}", key=key)
+                got = type(config[key]).__name__ if key == "admin_token" else repr(config[key])  # a secret
+                raise ConfigError(f"must be a string, got {got}", key=key)
         required = {"static": "nodes", "upstream": "upstream", "file": "membership_file"}[membership]
         if not get(required):
             raise ConfigError(f"is required when membership is {membership!r}", key=required)
@@ -79,7 +88,7 @@ class PluginConfig:
             nodes=tuple(members),
             upstream=get("upstream"),
             admin_url=get("admin_url", cls.admin_url).rstrip("/"),
-            admin_token=os.environ.get(ADMIN_TOKEN_ENV) or None,
+            admin_token=get("admin_token") or os.environ.get(ADMIN_TOKEN_ENV) or None,
             membership_file=get("membership_file"),
             refresh_interval=float(interval),
             route_prefix=get("route_prefix", ""),

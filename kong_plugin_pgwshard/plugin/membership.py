@@ -89,7 +89,9 @@ def _names(names: set[str], shown: int = 20) -> str:
 
 
 def read_upstream_targets(admin_url: str, upstream: str, token: str | None, timeout: float = 2.0) -> list[Member]:
-    """The targets of a Kong upstream, following the Admin API's pagination."""
+    """The targets of a Kong upstream: one paginated GET /upstreams/<u>/targets, which a node's
+    Admin API serves and, with `database = off` (DB-less nodes, hybrid data planes), its
+    Status API too, read-only and without a token (kong/status/init.lua)."""
     admin = KongAdmin(admin_url, token, timeout)  # the one Admin API client (no logging, no token in errors)
     try:
         targets = [(t["target"], int(t.get("weight", 100))) for t in admin.targets(upstream)]
@@ -100,7 +102,7 @@ def read_upstream_targets(admin_url: str, upstream: str, token: str | None, time
 
 
 class UpstreamMembership(PolledMembership):
-    """Follows a Kong upstream's targets through the (local) Admin API."""
+    """Follows a Kong upstream's targets through this node's Admin API or Status API."""
 
     def __init__(self, admin_url: str, upstream: str, token: str | None, interval: float, timeout: float = 2.0):
         super().__init__(f"upstream {upstream} at {admin_url}",
