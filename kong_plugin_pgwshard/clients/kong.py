@@ -149,6 +149,8 @@ def _hint(method: str, path: str, status: int, raw: bytes) -> str:
         return ""
     if status == 405 and b"when not using a database" in raw:  # kong/db/strategies/off/init.lua
         return " (Kong is DB-less: set kong.mode: declarative)"
+    if status == 400 and b"configured to not use a database" in raw:  # kong/api/routes/config.lua
+        return " (Kong has a database: set kong.mode: admin)"
     # kong/status/init.lua serves the upstreams' reads only: no /upstreams route, 405 on writes
     if (status == 404 and path == "/upstreams") or (status == 405 and b"Method not allowed" in raw):
         return " (a read-only Kong API such as the Status API? pgwshard-sync writes to the Admin API)"

@@ -123,3 +123,18 @@ def test_the_readme_topologies_give_kong_conf_lines_and_pgwshard_yml_that_hold()
         assert settings.kong.upstream == "pushgateways"
     # the Status API port the plugin is told to read is Kong's default status_listen (kong.conf)
     assert conf["status_listen"].split()[0] == "127.0.0.1:8007" and "http://127.0.0.1:8007" in section
+
+
+def test_the_dumped_schema_lets_kong_resolve_a_vault_reference_in_admin_token():
+    import json
+    import subprocess
+    import sys
+
+    dump = subprocess.run([sys.executable, "-m", "kong_plugin_pgwshard.plugin.server", "--dump"],
+                          capture_output=True, text=True, check=True, timeout=30).stdout
+    fields = {name: f for entry in json.loads(dump)[0]["Schema"]["fields"][0]["config"]["fields"]
+              for name, f in entry.items()}
+    # kong/db/schema/init.lua resolves references only in string fields marked referenceable,
+    # and accepts a reference there without the field's other checks
+    assert fields["admin_token"]["type"] == "string" and fields["admin_token"]["referenceable"] is True
+    assert "default" not in fields["admin_token"]  # unset: null, then env KONG_ADMIN_TOKEN
