@@ -107,6 +107,7 @@ def test_the_readme_topologies_give_kong_conf_lines_and_pgwshard_yml_that_hold()
 
     from tests.plugin.test_kong_config import kong_conf
     from kong_plugin_pgwshard.sync.settings import parse_settings
+    from tests.support import REPO
 
     section = _topologies_section()
     plugin_lines = section.split("The plugin lines, on every node:", 1)[1].split("\n\n")[1]
@@ -121,8 +122,10 @@ def test_the_readme_topologies_give_kong_conf_lines_and_pgwshard_yml_that_hold()
         settings = parse_settings({"pushgateways": ["127.0.0.1:9091"], "health": {"source": "probes"}, **doc},
                                   "README.md", environ={})
         assert settings.kong.upstream == "pushgateways"
-    # the Status API port the plugin is told to read is Kong's default status_listen (kong.conf)
-    assert conf["status_listen"].split()[0] == "127.0.0.1:8007" and "http://127.0.0.1:8007" in section
+    # the Status API the plugin is told to read is Kong's default status_listen, as kong.conf says
+    # (kong/templates/kong_defaults.lua: status_listen = 127.0.0.1:8007)
+    assert "#status_listen = 127.0.0.1:8007" in (REPO / "kong" / "kong.conf").read_text()
+    assert "status_listen = 127.0.0.1:8007" in section and "http://127.0.0.1:8007" in section
 
 
 def test_the_dumped_schema_lets_kong_resolve_a_vault_reference_in_admin_token():
