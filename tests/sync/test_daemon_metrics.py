@@ -3,25 +3,12 @@ against the real daemon, pushgateways and Consul."""
 from __future__ import annotations
 
 import signal
-import threading
 import time
-from contextlib import contextmanager
 
 from kong_plugin_pgwshard.harness.processes import wait_until
 from kong_plugin_pgwshard.sync.daemon import Daemon
 from kong_plugin_pgwshard.sync.settings import parse_settings
-
-
-@contextmanager
-def running(daemon: Daemon):
-    thread = threading.Thread(target=daemon.run, daemon=True)
-    thread.start()
-    try:
-        yield daemon
-    finally:
-        daemon.stop.set()
-        thread.join(15)
-        assert not thread.is_alive()
+from tests.sync.test_daemon import running
 
 
 def value(daemon: Daemon, name: str, **labels) -> float | None:
