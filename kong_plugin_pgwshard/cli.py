@@ -206,6 +206,8 @@ def status(args: argparse.Namespace) -> int:
         ring, known, source = ring_from_sync_config(args.config, args.timeout)
     else:
         ring, known = ring_from_arguments(args), []
+        if not len(ring):
+            sys.exit("pgwshard: status needs the ring's members (--nodes, --nodes-file, --config or $PGWSHARD_NODES)")
         source = "--nodes-file " + args.nodes_file if args.nodes_file else "--nodes" if args.nodes else f"${NODES_ENV}"
     report = survey(ring, known + extra, source, args.timeout)
     if args.json:

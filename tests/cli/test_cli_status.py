@@ -133,6 +133,8 @@ def test_config_with_kong_reads_the_targets_and_their_weights(pushgateways, kong
 
 
 def test_a_config_that_cannot_be_read_is_a_clear_error(tmp_path):
+    nothing = pgwshard("status")
+    assert nothing.returncode != 0 and "status needs the ring's members" in nothing.stderr
     missing = pgwshard("status", "--config", str(tmp_path / "nope.yml"))
     assert missing.returncode != 0 and f"pgwshard: {tmp_path / 'nope.yml'}:" in missing.stderr
     bad = tmp_path / "bad.yml"
