@@ -4,28 +4,40 @@
         the canonical grouping key and the owning pushgateway of each push path
     pgwshard rebalance [--nodes H:P,H:P | --nodes-file SD.json] [--instances H:P,...] [--dry-run]
         move every group to its owner on the ring (docs/rebalancing.md); --dry-run prints the plan
+    pgwshard status [--nodes H:P,H:P | --nodes-file SD.json | --config pgwshard.yml] [--json]
+        members, their health and weight, groups per member, groups not on their owner,
+        duplicated groups, newest and oldest push per member; exit 1 when something needs attention
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 
+import yaml
+
+from .clients.kong import KongAdmin
+from .clients.pushgateway import PushgatewayClient
 from .core.file_sd import read_file_sd
-from .core.grouping import parse_push_path
+from .core.grouping import GroupingKey, parse_push_path
 from .core.ring import Member, Ring
-from .errors import GroupingKeyError, NoMembersError
-from .rebalance.rebalancer import Rebalancer
+from .errors import GroupingKeyError, NoMembersError, UpstreamError
+from .rebalance.rebalancer import Rebalancer, client_push_time
 
 NODES_ENV = "PGWSHARD_NODES"
 
 
-def add_membership_arguments(parser: argparse.ArgumentParser) -> None:
+def add_membership_arguments(parser: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
     """--nodes / --nodes-file, shared by every command that needs the ring."""
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--nodes", help=f"pushgateways as host:port,host:port (default: ${NODES_ENV})")
     group.add_argument("--nodes-file", help="a Prometheus file_sd JSON file listing the pushgateways "
                                              "(pgwshard-sync's file sink writes one)")
+    return group
 
 
 def ring_from_arguments(args: argparse.Namespace) -> Ring:
@@ -78,6 +90,168 @@ def rebalance(args: argparse.Namespace) -> int:
     return 1 if report.failed or report.unreachable else 0
 
 
+# --- status ------------------------------------------------------------------------------------
+
+@dataclass
+class MemberStatus:
+    """One pushgateway as `pgwshard status` saw it."""
+
+    pushgateway: str
+    in_ring: bool
+    weight: int | None          # its ring weight; None when it is not in the ring
+    healthy: bool               # GET /-/healthy answered 200
+    groups: int | None = None   # None when its groups could not be listed
+    not_owned: int | None = None  # groups it holds that the ring gives to another member
+    newest_push: float | None = None  # newest and oldest client push of its groups (Unix time;
+    oldest_push: float | None = None  # a rebalanced copy counts by its original push)
+    error: str | None = None
+
+
+@dataclass
+class Status:
+    ring_source: str
+    members: list[MemberStatus]
+    misplaced: list[dict] = field(default_factory=list)   # groups their owner does not hold
+    duplicated: list[dict] = field(default_factory=list)  # groups held by more than one member
+    attention: list[str] = field(default_factory=list)    # what needs someone; empty: all well
+
+
+def survey(ring: Ring, instances: Sequence[Member], ring_source: str, timeout: float = 5.0) -> Status:
+    """Ask every ring member and every other instance for its health and groups."""
+    in_ring = {m.name: m for m in ring.members}
+    names = sorted(set(in_ring) | {m.name for m in instances})
+    status = Status(ring_source, [])
+    holders: dict[GroupingKey, list[str]] = {}
+    if not any(m.weight > 0 for m in ring.members):
+        status.attention.append("no pushgateway in the ring takes groups: every push is answered 503")
+    for name in names:
+        client = PushgatewayClient(name, timeout=timeout)
+        member = MemberStatus(name, name in in_ring, in_ring[name].weight if name in in_ring else None,
+                              client.healthy())
+        status.members.append(member)
+        try:
+            groups = client.groups()
+        except UpstreamError as err:
+            member.error = str(err)
+            status.attention.append(f"{name} ({'in' if member.in_ring else 'not in'} the ring) cannot be listed: {err}")
+            continue
+        if not member.healthy:
+            status.attention.append(f"{name} answers but /-/healthy does not")
+        pushes = [client_push_time(g) for g in groups]
+        member.groups = len(groups)
+        member.newest_push, member.oldest_push = (max(pushes), min(pushes)) if pushes else (None, None)
+        member.not_owned = 0
+        for group in groups:
+            holders.setdefault(group.key, []).append(name)
+            owner = _owner(ring, group.key)
+            member.not_owned += owner is not None and owner != name
+    for key in sorted(holders, key=str):
+        owner = _owner(ring, key)
+        if owner is not None and owner not in holders[key]:
+            status.misplaced.append({"group": str(key), "on": holders[key], "owner": owner})
+        if len(holders[key]) > 1:
+            status.duplicated.append({"group": str(key), "on": holders[key], "owner": owner})
+    if status.misplaced:
+        status.attention.append(f"{_count(status.misplaced, 'group')} not on {'its' if len(status.misplaced) == 1 else 'their'} owner")
+    if status.duplicated:
+        status.attention.append(f"{_count(status.duplicated, 'duplicated group')}")
+    return status
+
+
+def _owner(ring: Ring, key: GroupingKey) -> str | None:
+    try:
+        return ring.owner(key).name
+    except NoMembersError:
+        return None
+
+
+def _count(items: Sequence, noun: str) -> str:
+    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
+
+
+def ring_from_sync_config(path: str, timeout: float) -> tuple[Ring, list[Member], str]:
+    """The ring pgwshard-sync applies, read from what its config names: the Kong upstream's
+    targets (with their weights), else the file_sd file it writes, else the configured
+    pushgateways that answer /-/healthy now. Reads only those keys (pgwshard-sync --check
+    validates the whole file); also returns the configured pushgateways."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f) or {}
+        if not isinstance(config, dict):
+            raise ValueError("expected a mapping")
+        known = [Member.parse(str(p)) for p in config.get("pushgateways") or []]
+        kong, file_sd = config.get("kong"), config.get("file_sd")
+        if kong:
+            url = (kong.get("nodes") or [kong.get("admin_url") or "http://127.0.0.1:8001"])[0]
+            upstream = kong.get("upstream") or "pushgateways"
+            token = kong.get("admin_token") or os.environ.get("KONG_ADMIN_TOKEN") or None
+            targets = KongAdmin(url, token, timeout).targets(upstream)
+            members = [Member.parse(t["target"], int(t.get("weight", 100))) for t in targets]
+            return Ring(members), known, f"Kong upstream {upstream} at {url}"
+        if file_sd and file_sd.get("path"):
+            return Ring(read_file_sd(file_sd["path"])), known, f"file_sd {file_sd['path']}"
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, yaml.YAMLError, UpstreamError) as err:
+        sys.exit(f"pgwshard: {path}: {err}")  # a wrong shape too: `pgwshard-sync --check` says which key
+    healthy = [m for m in known if PushgatewayClient(m.name, timeout=timeout).healthy()]
+    return Ring(healthy), known, "the configured pushgateways that answer /-/healthy (no kong or file_sd section)"
+
+
+def status(args: argparse.Namespace) -> int:
+    """Print where everything is; 1 when something needs attention."""
+    try:
+        extra = [Member.parse(n) for n in (args.instances or "").split(",") if n.strip()]
+    except ValueError as err:
+        sys.exit(f"pgwshard: status: {err}")
+    if args.config:
+        ring, known, source = ring_from_sync_config(args.config, args.timeout)
+    else:
+        ring, known = ring_from_arguments(args), []
+        if not len(ring):
+            sys.exit("pgwshard: status needs the ring's members (--nodes, --nodes-file, --config or $PGWSHARD_NODES)")
+        source = "--nodes-file " + args.nodes_file if args.nodes_file else "--nodes" if args.nodes else f"${NODES_ENV}"
+    report = survey(ring, known + extra, source, args.timeout)
+    if args.json:
+        print(json.dumps(asdict(report), indent=2))
+    else:
+        print(render_status(report, time.time()))
+    return 1 if report.attention else 0
+
+
+def render_status(report: Status, now: float, limit: int = 20) -> str:
+    """The status as a table for people (the JSON has everything)."""
+    rows = [("pushgateway", "ring", "weight", "health", "groups", "not owned", "newest push", "oldest push")]
+    for m in report.members:
+        rows.append((m.pushgateway, "yes" if m.in_ring else "no", "-" if m.weight is None else str(m.weight),
+                     "unreachable" if m.error else "healthy" if m.healthy else "unhealthy",
+                     _or_dash(m.groups), _or_dash(m.not_owned), _when(m.newest_push, now), _when(m.oldest_push, now)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"ring from {report.ring_source}"]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    for title, entries in (("groups not on their owner", report.misplaced), ("duplicated groups", report.duplicated)):
+        if entries:
+            lines += ["", f"{title} ({len(entries)}):"]
+            lines += [f"  {e['group']}  on {', '.join(e['on'])}  owner {e['owner'] or '-'}" for e in entries[:limit]]
+            if len(entries) > limit:
+                lines.append(f"  ... and {len(entries) - limit} more (--json lists all)")
+    lines.append("")
+    lines += [f"needs attention: {item}" for item in report.attention] or ["all well: every group on its owner, once"]
+    return "\n".join(lines)
+
+
+def _or_dash(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def _when(stamp: float | None, now: float) -> str:
+    if stamp is None:
+        return "-"
+    if stamp <= 0:
+        return "never"  # a push Pushgateway refused leaves a group stamped 0
+    age = max(0, int(now - stamp))
+    ago = f"{age}s" if age < 120 else f"{age // 60}m" if age < 7200 else f"{age // 3600}h" if age < 172800 else f"{age // 86400}d"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp)) + f" ({ago} ago)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pgwshard", description="pgwshard operator commands")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-ops-per-second", type=float, default=50.0, help="pace of PUTs and DELETEs")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per pushgateway request")
     p.set_defaults(run=rebalance)
+
+    p = commands.add_parser("status", help="members, health, groups per member, misplaced and duplicated groups")
+    add_membership_arguments(p).add_argument(
+        "--config", help="pgwshard-sync's config: the ring from its kong or file_sd section, "
+                         "every pushgateway it lists")
+    p.add_argument("--instances", help="more pushgateways to look at (host:port,...), e.g. ones that left the ring")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds per pushgateway or Kong request")
+    p.set_defaults(run=status)
     return parser
 
 

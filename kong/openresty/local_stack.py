@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+RULES = REPO / "monitoring" / "pgwshard.rules.yml"
 
 from kong_plugin_pgwshard.harness.nginx import NginxHost
 from kong_plugin_pgwshard.harness.processes import (
@@ -25,6 +26,7 @@ from kong_plugin_pgwshard.harness.processes import (
     PluginServer,
     Pushgateway,
     free_port,
+    http_get,
     temp_dir,
     wait_until,
 )
@@ -70,13 +72,20 @@ def main() -> None:
                                               "refresh_interval": 1}, [p.address for p in pgws],
                          port=port() if port else 18000)
         parts.append(host.start())
-        prometheus = Prometheus([p.address for p in pgws], port=port() if port else 19090)
+        prometheus = Prometheus([p.address for p in pgws], port=port() if port else 19090,
+                                sync_targets=[f"127.0.0.1:{metrics_port}"], rule_files=[RULES])
         parts.append(prometheus.start())
+        rules = json.loads(http_get(prometheus.url + "/api/v1/rules")[1])["data"]["groups"]
 
         print(f"gateway      {host.url}  (push here: {host.url}/metrics/job/<job>/<label>/<value>)")
         print(f"pushgateways {', '.join(p.url for p in pgws)}")
         print(f"prometheus   {prometheus.url}")
-        print(f"pgwshard-sync metrics http://127.0.0.1:{metrics_port}/metrics; membership file {members_file}\n")
+        print(f"pgwshard-sync metrics http://127.0.0.1:{metrics_port}/metrics; membership file {members_file}")
+        print(f"alerts       {prometheus.url}/alerts ({sum(len(g['rules']) for g in rules)} rules loaded from "
+              f"{RULES.relative_to(REPO)})")
+        print(f"dashboard    import {REPO / 'monitoring/pgwshard.dashboard.json'} into Grafana, this Prometheus "
+              f"as its data source")
+        print(f"status       pgwshard status --nodes-file {members_file}\n")
         for path in SAMPLES:
             req = urllib.request.Request(host.url + path, data=BODY, method="PUT")
             with urllib.request.urlopen(req, timeout=10) as resp:

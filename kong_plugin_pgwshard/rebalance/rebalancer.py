@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ..clients.pushgateway import Group, PushgatewayClient
 from ..core.grouping import GroupingKey
@@ -118,6 +118,9 @@ class Rebalancer:
                                 "Groups left for a later pass (owner unreachable).", registry=registry)
         self._failed = Counter("pgwshard_rebalance_groups_failed",
                                "Group copies or deletes that failed.", registry=registry)
+        self._misplaced = Gauge("pgwshard_rebalance_groups_misplaced",
+                                "Group copies on non-owners that the last reconciliation found.",
+                                registry=registry)
         self._seconds = Histogram("pgwshard_rebalance_seconds", "Seconds per reconciliation.",
                                   buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900), registry=registry)
 
@@ -142,6 +145,7 @@ class Rebalancer:
         # One owner at a time, so one listing of it serves the re-check of several PUTs (listing
         # 2,000 groups costs ~140 ms, a PUT ~25 ms). The sort is stable: a group's steps keep order.
         moves = sorted(self._plan(ring, holdings), key=lambda m: m.target)
+        self._misplaced.set(sum(1 for m in moves if m.source != m.target))
         owner_listing: dict[str, tuple[float, dict[GroupingKey, Group]]] = {}
         dead_owners: set[str] = set()
         for move in moves:
@@ -161,10 +165,10 @@ class Rebalancer:
                 continue
             current = owner_now.get(move.key)
             if move.action == DELETE:  # a stale copy on the owner itself: only if still unchanged
-                if current is not None and _pushed_at(current) == move.pushed_at:
+                if current is not None and client_push_time(current) == move.pushed_at:
                     self._delete(move, report)
                 continue
-            if current is not None and _pushed_at(current) >= move.pushed_at:
+            if current is not None and client_push_time(current) >= move.pushed_at:
                 # A client pushed to the owner since the survey: its copy wins.
                 self._delete(move, report)
                 continue
@@ -209,7 +213,7 @@ class Rebalancer:
         for name, groups in holdings.items():
             for key, group in groups.items():
                 present.add(key)
-                self._remember(key, _pushed_at(group), name)
+                self._remember(key, client_push_time(group), name)
         if not self.unreachable:
             # Every instance answered: groups found nowhere need no memory any more.
             for key in [k for k in self._newest if k not in present]:
@@ -240,23 +244,23 @@ class Rebalancer:
         at_owner = copies.get(owner)
         seen = self._newest.get(key)
         if not strays:
-            if (at_owner is not None and seen is not None and seen.pushed_at > _pushed_at(at_owner)
+            if (at_owner is not None and seen is not None and seen.pushed_at > client_push_time(at_owner)
                     and seen.instance not in self.unreachable):
                 # e.g. the owner came back with an old copy of a group deleted while it was away
                 return [Move(key, owner, owner, DELETE, "group was deleted after a newer push",
-                             _pushed_at(at_owner))]
+                             client_push_time(at_owner))]
             return []
 
         def step(name: str, action: str, reason: str) -> Move:
-            return Move(key, name, owner, action, reason, _pushed_at(strays[name]))
+            return Move(key, name, owner, action, reason, client_push_time(strays[name]))
 
         if owner in self.unreachable:
             return [step(name, SKIP, "owner unreachable") for name in sorted(strays)]
-        newest = max(sorted(strays), key=lambda name: _pushed_at(strays[name]))
-        newest_at = _pushed_at(strays[newest])
-        if at_owner is not None and _pushed_at(at_owner) >= newest_at:
+        newest = max(sorted(strays), key=lambda name: client_push_time(strays[name]))
+        newest_at = client_push_time(strays[newest])
+        if at_owner is not None and client_push_time(at_owner) >= newest_at:
             return [step(name, DELETE, "owner holds a newer copy") for name in sorted(strays)]
-        if seen is not None and seen.pushed_at > max(newest_at, _pushed_at(at_owner) if at_owner else 0.0):
+        if seen is not None and seen.pushed_at > max(newest_at, client_push_time(at_owner) if at_owner else 0.0):
             if seen.instance in self.unreachable:
                 return [step(name, SKIP, f"newer copy on unreachable {seen.instance}")
                         for name in sorted(strays)]
@@ -311,8 +315,8 @@ class Rebalancer:
         return client
 
 
-def _pushed_at(group: Group) -> float:
-    """When a client pushed this copy's data.
+def client_push_time(group: Group) -> float:
+    """When a client pushed this copy's data (`pgwshard status` reports it too).
 
     A copy the rebalancer wrote carries the client's time in MARKER_FAMILY and the copy's own
     time in MOVED_FAMILY. The marker counts only while push_time_seconds is still the copy's
@@ -334,7 +338,7 @@ def _gauge(group: Group, name: str) -> float | None:
 
 def _copy_text(group: Group) -> str:
     families = dict(group.families)
-    families[MARKER_FAMILY] = _gauge_family(MARKER_HELP, _pushed_at(group))
+    families[MARKER_FAMILY] = _gauge_family(MARKER_HELP, client_push_time(group))
     families[MOVED_FAMILY] = _gauge_family(MOVED_HELP, time.time())
     return families_to_text(families, dict(group.key.labels))
 

@@ -109,6 +109,9 @@ class Daemon:
         self.damper = Damper(settings.hold_down)
         self.rebalancer = rebalancer if rebalancer is not None else self._rebalancer()
         self.known: set[Member] = set(settings.pushgateways)
+        self._healthy: frozenset[Member] = frozenset()  # the source's latest view
+        for sink in self.sinks:  # a series from the start, so that increase() sees the first error
+            self.metrics.sync_errors.labels(sink.name)
         self.stop = threading.Event()
         self._snapshots: queue.Queue[HealthSnapshot] = queue.Queue()
         self._dirty: dict[str, frozenset[Member]] = {}  # sink name -> set it still has to take
@@ -204,6 +207,7 @@ class Daemon:
         except queue.Empty:
             pass
         self._apply(self.damper.decide() if self._had_good else None)
+        self.metrics.show_members(self.known, self._healthy, self.damper.applied or frozenset())
 
     def _take(self, snapshot: HealthSnapshot) -> None:
         self.metrics.watch_latency.observe(snapshot.query_seconds)
@@ -220,6 +224,8 @@ class Daemon:
             self._register()
         self._source_failing = False
         self.metrics.source_up.set(1)
+        self.metrics.source_last_success.set_to_current_time()
+        self._healthy = snapshot.members
         self._had_good = True
         self.known |= snapshot.members
         self.damper.observe(snapshot.members)

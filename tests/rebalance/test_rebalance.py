@@ -310,7 +310,7 @@ def _owners_seen(prom) -> dict[str, str]:
     """group labels -> the one instance Prometheus sees it on (a group seen twice is dropped)."""
     seen: dict[str, list[str]] = {}
     for r in prom.query("push_time_seconds"):
-        seen.setdefault(str(_key_labels(r["metric"])), []).append(r["metric"]["pgw"])
+        seen.setdefault(str(_key_labels(r["metric"])), []).append(r["metric"]["pushgateway"])
     return {k: v[0] if len(v) == 1 else f"{len(v)} instances" for k, v in seen.items()}
 
 
@@ -334,7 +334,7 @@ def test_alerts_on_push_time_stay_honest_after_a_move(pushgateways, prometheus):
     [copy] = PushgatewayClient(pgws[1].address).groups()
 
     def last_push() -> list[tuple[str, float]]:
-        return [(r["metric"]["pgw"], float(r["value"][1])) for r in prom.query(LAST_PUSH)]
+        return [(r["metric"]["pushgateway"], float(r["value"][1])) for r in prom.query(LAST_PUSH)]
 
     # The moved group still says when the client pushed, not when it was copied.
     wait_until(lambda: last_push() == [(pgws[1].address, original.push_time)], 20, what="moved group scraped")

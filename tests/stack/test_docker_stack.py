@@ -433,6 +433,8 @@ def test_prometheus_config_passes_promtool(tmp_path):
     for job in config["scrape_configs"]:
         if job.pop("consul_sd_configs", None) is not None:
             job["static_configs"] = [{"targets": ["pushgateway-1:9091"]}]
+    mounts = _bind_mounts("prometheus")
+    config["rule_files"] = [str(mounts[path]) for path in config.get("rule_files", [])]  # as mounted
     checked = tmp_path / "prometheus.yml"
     checked.write_text(yaml.safe_dump(config))
     result = subprocess.run(["promtool", "check", "config", str(checked)],

@@ -153,7 +153,7 @@ def test_prometheus_sees_each_group_from_exactly_one_instance(world):
         return len(series) == 30 and all(s["value"][1] == "1" for s in series)
 
     wait_until(scraped_once, 30, interval=0.5, what="30 groups, each from one pushgateway")
-    assert {s["metric"]["pgw"] for s in world.prometheus.query('e2e_items{job="scraped"}')} <= \
+    assert {s["metric"]["pushgateway"] for s in world.prometheus.query('e2e_items{job="scraped"}')} <= \
         {p.address for p in world.pgws}
 
 

@@ -15,3 +15,5 @@ def test_local_stack_routes_every_sample_where_locate_says():
     assert len(rows) == 9
     assert all(landed == owner for _, landed, owner in rows)  # exactly one instance, the owner
     assert len({owner for *_, owner in rows}) > 1  # spread over more than one pushgateway
+    assert "rules loaded from monitoring/pgwshard.rules.yml" in result.stdout  # and where to look
+    assert "pgwshard status --nodes-file" in result.stdout
