@@ -55,6 +55,14 @@ class PgwshardPluginServer(PluginServer):
         super().__init__(loglevel=loglevel, name=f"{handler.NAME} version {handler.version}")
         self._idle: list[greenlet] = []
 
+    def get_plugin_info(self, name: str) -> dict:
+        """kong-pdk's info, with pgwshard's whole schema: kong-pdk would wrap only the `config`
+        fields, without `protocols` or the config's entity checks."""
+        info = super().get_plugin_info(name)
+        if name == handler.NAME:
+            info["Schema"] = handler.KONG_SCHEMA
+        return info
+
     def handle_event(self, event: dict) -> dict:
         iid = event["InstanceId"]
         instance = self.instances.get(iid)

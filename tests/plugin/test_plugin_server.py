@@ -16,15 +16,15 @@ from kong_pdk.exception import PluginServerException
 
 from kong_plugin_pgwshard.core.grouping import parse_push_path
 from kong_plugin_pgwshard.core.ring import Member, Ring
-from kong_plugin_pgwshard.harness.kong_rpc import KongRPC, Request, RPCError, run_access
+from kong_plugin_pgwshard.harness.kong_rpc import KongRPC, Request, RPCError, kong_config, run_access
+from kong_plugin_pgwshard.plugin.handler import KONG_SCHEMA
 from kong_plugin_pgwshard.harness.processes import proc_stat, wait_until
 from tests.support import REPO
 
 NODES = ["127.0.0.1:9101", "127.0.0.1:9102", "127.0.0.1:9103"]
 RING = Ring(Member.parse(n) for n in NODES)
-# What Kong adds to every plugin config it sends (kong/runloop/plugin_servers).
-KONG_EXTRAS = {"route_id": "7f3c0d1e-0000-4000-8000-000000000001", "service_id": None, "consumer_id": None,
-               "__seq__": 3, "__plugin_id": "b1a0", "__key__": "plugins:pgwshard:...", "protocols": ["http"]}
+ROUTE_ID = "7f3c0d1e-0000-4000-8000-000000000001"
+PLUGIN_ID = "b1a0c3d2-0000-4000-8000-000000000002"
 
 
 @pytest.fixture
@@ -39,8 +39,10 @@ def rpc(server):
     client.close()
 
 
-def start(rpc, **config):
-    return rpc.start_instance("pgwshard", {**KONG_EXTRAS, "nodes": NODES, **config})
+def start(rpc, seq=3, **config):
+    """An instance started with the config as Kong sends it (defaults filled, injected keys)."""
+    conf = kong_config(KONG_SCHEMA, {"nodes": NODES, **config}, plugin_id=PLUGIN_ID, seq=seq, route_id=ROUTE_ID)
+    return rpc.start_instance("pgwshard", conf)
 
 
 def test_dump_lists_what_kong_asks_for():
