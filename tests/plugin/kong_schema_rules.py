@@ -162,8 +162,8 @@ def validate_field(field: dict, value: Any) -> str | None:
         return f"should start with: {field['starts_with']}"
     if "contains" in field and field["contains"] not in value:
         return f"expected to contain: {field['contains']}"
-    for name in UNINTERPRETED & set(field):
-        return f"'{name}' is not interpreted by this checker"
+    if uninterpreted := sorted(UNINTERPRETED & set(field)):
+        return f"{uninterpreted} not interpreted by this checker"
     return None
 
 
@@ -204,15 +204,16 @@ def _record_errors(record: dict, data: dict, path: str) -> list[str]:
     """init.lua Schema:validate on a record: validate_fields (an unknown key is an error), then
     `required` fields, then the entity checks."""
     specs = dict(_fields(record))
-    errors = []
+    by_key = {}
     for key, value in data.items():
         if key not in specs:
-            errors.append(f"{path}{key}: unknown field")
+            by_key[key] = "unknown field"
         elif (error := validate_field(specs[key], value)) is not None:
-            errors.append(f"{path}{key}: {error}")
+            by_key[key] = error
     for name, field in specs.items():
-        if field.get("required") and data.get(name) is None and f"{path}{name}: " not in "".join(errors):
-            errors.append(f"{path}{name}: required field missing")
+        if field.get("required") and data.get(name) is None:
+            by_key[name] = "required field missing"
+    errors = [f"{path}{key}: {error}" for key, error in by_key.items()]
     for check in record.get("entity_checks", []):
         errors += [f"{path}@entity: {e}" for e in _entity_check(check, data)]
     return errors
