@@ -41,10 +41,10 @@ def _clean_up() -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def free_port(ip: str = "127.0.0.1") -> int:
+    """A TCP port on `ip` (a loopback address, 127.0.0.1 or ::1) that nothing listens on right now."""
+    with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET) as s:
+        s.bind((ip, 0))
         return s.getsockname()[1]
 
 
@@ -158,14 +158,16 @@ class Pushgateway(ManagedProcess):
     BINARY = "prometheus-pushgateway"
 
     def __init__(self, port: int | None = None, extra_args: list[str] | None = None,
-                 data_dir: str | None = None):
-        """data_dir: reuse another instance's persistence (restart with other flags)."""
-        self.port = port or free_port()
+                 data_dir: str | None = None, ip: str = "127.0.0.1"):
+        """data_dir: reuse another instance's persistence (restart with other flags);
+        ip: the loopback address to listen on ("::1" for IPv6)."""
+        self.ip = ip
+        self.port = port or free_port(ip)
         self.data_dir = data_dir or temp_dir("pgwshard-pgw-")
         binary = shutil.which(self.BINARY) or "/usr/bin/prometheus-pushgateway"
         super().__init__(f"pushgateway-{self.port}", [
             binary,
-            f"--web.listen-address=127.0.0.1:{self.port}",
+            f"--web.listen-address={self.address}",
             f"--persistence.file={self.data_dir}/pushgateway.data",
             "--log.level=warn",
             *(extra_args or []),
@@ -173,7 +175,7 @@ class Pushgateway(ManagedProcess):
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
 
     @property
     def url(self) -> str:
@@ -242,9 +244,10 @@ class PluginServer(ManagedProcess):
     Its watchdog exits when its parent is PID 1, so it is started by the test process itself.
     """
 
-    def __init__(self, extra_args: list[str] | None = None):
+    def __init__(self, extra_args: list[str] | None = None, prefix: str | None = None):
+        """prefix: another server's directory (a restart on the same socket, as Kong respawns it)."""
         import sys
-        self.prefix = temp_dir("pgwshard-prefix-")
+        self.prefix = prefix or temp_dir("pgwshard-prefix-")
         super().__init__("plugin-server", [
             sys.executable, "-m", "kong_plugin_pgwshard.plugin.server", "-p", self.prefix, *(extra_args or []),
         ])

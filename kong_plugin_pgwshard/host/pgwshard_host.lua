@@ -249,7 +249,11 @@ function M.balancer()
     rr = rr % #upstream + 1
     target = upstream[rr]
   end
-  local ok, err = balancer.set_current_peer(target[1], target[2])
+  local host = target[1]
+  -- set_target takes an IPv6 host bare, as Kong's does; Kong's DNS client hands nginx IPv6
+  -- addresses in brackets (kong/dns/utils.lua ipv6_bracket), which set_current_peer needs
+  if host:find(":", 1, true) and host:sub(1, 1) ~= "[" then host = "[" .. host .. "]" end
+  local ok, err = balancer.set_current_peer(host, target[2])
   if not ok then
     ngx.log(ngx.ERR, "pgwshard host: cannot use ", target[1], ":", target[2], ": ", err)
     return ngx.exit(502)

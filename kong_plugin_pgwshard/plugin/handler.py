@@ -17,11 +17,12 @@ from .. import __version__
 from ..core.grouping import parse_push_path
 from ..core.ring import Member, Ring
 from ..errors import GroupingKeyError, NoMembersError
-from .config import SCHEMA, PluginConfig
+from .config import FIELDS, PluginConfig, kong_schema
 from .membership import membership_for, release
 
 NAME = "pgwshard"  # the plugin's name in kong.conf's `plugins` and in kong.yml
-Schema = SCHEMA
+Schema = FIELDS  # the `config` record's fields, as kong-pdk's Module reads them
+KONG_SCHEMA = kong_schema(NAME)  # the whole schema --dump gives Kong (with `protocols`, entity checks)
 version = __version__
 # After authentication (1000+) and rate limiting (910), before request-transformer (801) and the
 # logging plugins: a rejected or throttled push never reaches a pushgateway.
