@@ -14,9 +14,11 @@ import os
 import signal
 import sys
 import threading
+import re
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -35,6 +37,7 @@ from tests.support.scripted_plugin_server import (
     started_instance,
 )
 
+REPO = Path(__file__).resolve().parents[2]
 UNEXPECTED = {"message": "An unexpected error occurred"}  # Kong's 500 body (kong/init.lua)
 UNAVAILABLE = "pgwshard: the plugin server is unavailable"  # the host's fail_fast 503
 
@@ -213,6 +216,37 @@ def test_a_throwing_pdk_call_is_500(pushgateways):
         assert pgw.groups() == []
 
 
+def _nginx_ms(value: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)(ms|s|m)?", value).groups()
+    return int(number) * {"ms": 1, "s": 1000, "m": 60_000, None: 1000}[unit]
+
+
+def shipped_kong_settings() -> dict:
+    """The host settings that make it fail as Kong does with the shipped kong/kong.conf and
+    kong/kong.yml: the upstream's hash_on, the plugin-server socket timeouts."""
+    conf = {}
+    for line in (REPO / "kong" / "kong.conf").read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            key, value = (part.strip() for part in line.split("=", 1))
+            conf[key] = value
+    (upstream,) = yaml.safe_load((REPO / "kong" / "kong.yml").read_text())["upstreams"]
+    return {"fail_fast": False, "hash_on": upstream.get("hash_on", "none"),
+            **{f"{phase}_timeout_ms": _nginx_ms(conf.get(f"nginx_proxy_lua_socket_{phase}_timeout", "60s"))
+               for phase in ("connect", "send", "read")}}
+
+
+@pytest.mark.parametrize("declarative", ["kong/kong.yml", "docker/kong.yml"])
+def test_the_shipped_kong_configs_hash_pushes_on_the_path_and_bound_the_waits(declarative):
+    # Kong's upstream: hash_on path turns the algorithm to consistent-hashing
+    # (kong/db/schema/entities/upstreams.lua); round robin would spread a group's pushes.
+    upstreams = yaml.safe_load((REPO / declarative).read_text())["upstreams"]
+    assert [u.get("hash_on") for u in upstreams] == ["path"]
+    settings = shipped_kong_settings()
+    # nginx_proxy_* reaches the proxy server block, where Kong calls the plugin server
+    # (kong/templates/nginx_kong.lua); nginx's own default would be 60 s
+    assert all(1000 <= settings[f"{phase}_timeout_ms"] <= 10_000 for phase in ("connect", "send", "read"))
+
+
 class PushLoad:
     """Threads pushing their own groups in turn, each push one higher than the group's last;
     records per group the last value a 2xx acknowledged, and every status seen."""
@@ -295,7 +329,8 @@ def test_a_plugin_server_killed_under_push_load_loses_nothing_once_it_is_back(pu
 
         wait_until(lambda: members() == sorted(nodes), 30, what="pgwshard-sync to write all three members")
         host = NginxHost(server.socket_path, {"membership": "file", "membership_file": members_file,
-                                              "refresh_interval": 0.5}, nodes).start()
+                                              "refresh_interval": 0.5}, nodes,
+                         host_settings=shipped_kong_settings()).start()
         load = PushLoad(host.url, threads=3, groups_per_thread=6).start()
         wait_until(lambda: len(load.acked) == 18, 30, what="every load group pushed once")
 
