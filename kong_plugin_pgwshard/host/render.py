@@ -11,8 +11,12 @@ __all__ = ["HOST_DIR", "render"]
 
 
 def render(prefix: str, listen: str, socket: str, plugin_config: dict, upstream: list[str],
-           workers: int = 2, read_timeout_ms: int = 5000, keepalive_pool: int = 64) -> Path:
-    """Write nginx.conf, the host config and the plugin config into prefix; returns nginx.conf."""
+           workers: int = 2, read_timeout_ms: int = 5000, keepalive_pool: int = 64,
+           host_settings: dict | None = None) -> Path:
+    """Write nginx.conf, the host config and the plugin config into prefix; returns nginx.conf.
+
+    host_settings: more keys of the host config (kong/openresty/README.md lists them, e.g.
+    `fail_fast`, `hash_on`, `connect_timeout_ms`); they win over the arguments above."""
     base = Path(prefix)
     plugin_config_file = base / "plugin-config.json"
     plugin_config_file.write_text(json.dumps(plugin_config))
@@ -20,7 +24,7 @@ def render(prefix: str, listen: str, socket: str, plugin_config: dict, upstream:
     host_config.write_text(json.dumps({
         "socket": socket, "plugin": "pgwshard", "plugin_config_file": str(plugin_config_file),
         "upstream": upstream, "read_timeout_ms": read_timeout_ms, "keepalive_pool": keepalive_pool,
-        "config_check_interval": 0.5}))
+        "config_check_interval": 0.5, **(host_settings or {})}))
     conf = base / "nginx.conf"
     values = {"user": "root" if os.geteuid() == 0 else os.environ.get("USER", "nobody"), "workers": workers,
               "prefix": prefix, "lua_dir": HOST_DIR, "host_config": host_config, "listen": listen}
