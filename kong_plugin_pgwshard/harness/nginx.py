@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from ..host.render import render
@@ -22,6 +23,7 @@ class NginxHost(ManagedProcess):
                  port: int | None = None, read_timeout_ms: int = 5000, keepalive_pool: int = 64):
         self.port = port or free_port()
         self.prefix = temp_dir("pgwshard-nginx-")
+        os.chmod(self.prefix, 0o755)  # workers (never root) read the host config and write temp files here
         self.conf = render(self.prefix, f"127.0.0.1:{self.port}", socket, plugin_config, upstream, workers,
                            read_timeout_ms, keepalive_pool)
         super().__init__("nginx-host", ["nginx", "-p", self.prefix, "-c", str(self.conf), "-g", "daemon off;"])
