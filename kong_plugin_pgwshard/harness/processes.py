@@ -101,8 +101,11 @@ def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "c
 class ManagedProcess:
     """A child process with its output in a log file, stopped on stop() or context exit."""
 
-    def __init__(self, name: str, argv: list[str], env: dict | None = None, cwd: str | None = None):
+    def __init__(self, name: str, argv: list[str], env: dict | None = None, cwd: str | None = None,
+                 group: str | None = None):
+        """group: run in this group (a root harness giving a socket to nginx workers' group)."""
         self.name = name
+        self.group = group
         self.argv = argv
         self.env = env
         self.cwd = cwd
@@ -113,7 +116,7 @@ class ManagedProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=self.env, cwd=self.cwd, start_new_session=True,
+            env=self.env, cwd=self.cwd, start_new_session=True, group=self.group,
         )
         log.close()
         _RUNNING.add(self)

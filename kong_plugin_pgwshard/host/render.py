@@ -16,6 +16,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import ConfigError
+
 HOST_DIR = Path(__file__).resolve().parent  # the Lua modules and nginx.conf.template
 
 __all__ = ["HOST_DIR", "HostRenderError", "PushLimits", "find_lua_dirs", "render", "worker_identity"]
@@ -32,7 +34,7 @@ NGINX_MODULE_DIRS = ["/usr/lib/nginx/modules", "/usr/lib64/nginx/modules", "/usr
                      "/usr/local/nginx/modules", "/etc/nginx/modules"]
 
 
-class HostRenderError(Exception):
+class HostRenderError(ConfigError):
     """The host cannot be rendered as asked: names what is missing and how to fix it."""
 
 
@@ -64,6 +66,9 @@ def find_lua_dirs(extra: list[str] | tuple[str, ...] = ()) -> tuple[list[str], l
         dirs = cpath_dirs if module.endswith(".so") else path_dirs
         if found not in dirs:
             dirs.append(found)
+    # the caller's directories first: a module they name wins over the system's copy
+    path_dirs.sort(key=candidates.index)
+    cpath_dirs.sort(key=candidates.index)
     if missing:
         raise HostRenderError(f"Lua modules not found: {', '.join(missing)}; searched "
                               f"{', '.join([*extra, *LUA_DIRS])}; name their directory with --lua-path")
