@@ -12,6 +12,7 @@ import grp
 import json
 import os
 import pwd
+import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,13 +172,19 @@ def render(prefix: str, listen: str, socket: str, plugin_config: dict | os.PathL
             raise HostRenderError(f"plugin config {plugin_config_file}: {err}") from None
     path_dirs, cpath_dirs = find_lua_dirs(list(lua_path))
     identity = worker_identity(socket, user, group)
+    # The workers load the Lua from the prefix, which they must reach anyway: a package installed
+    # where they cannot (a virtualenv under /root) still works, and a re-render upgrades it.
+    lua_dir = base / "lua"
+    lua_dir.mkdir(exist_ok=True)
+    for module in HOST_DIR.glob("*.lua"):
+        shutil.copyfile(module, lua_dir / module.name)
     host_config = base / "host.json"
     host_config.write_text(json.dumps({
         "socket": socket, "plugin": "pgwshard", "plugin_config_file": str(plugin_config_file),
         "upstream": upstream, "read_timeout_ms": read_timeout_ms, "keepalive_pool": keepalive_pool,
         "config_check_interval": 0.5}))
     if identity is not None:
-        for path, what in [(HOST_DIR / "pgwshard_host.lua", "the host's Lua"), (host_config, "the host config"),
+        for path, what in [(lua_dir / "pgwshard_host.lua", "the host's Lua"), (host_config, "the host config"),
                            (plugin_config_file, "the plugin config")]:
             _check_reachable(str(path), identity, False, what)
         if os.path.exists(socket):
@@ -186,8 +193,8 @@ def render(prefix: str, listen: str, socket: str, plugin_config: dict | os.PathL
         "load_modules": "\n".join(_nginx_modules()),
         "user": (f"user {identity[0]} {identity[1]};" if identity else
                  "# no `user`: nginx does not run as root, its workers run as the user who starts it"),
-        "workers": workers, "prefix": base, "lua_dir": HOST_DIR, "host_config": host_config, "listen": listen,
-        "lua_package_path": ";".join(f"{d}/?.lua" for d in [str(HOST_DIR), *path_dirs]) + ";;",
+        "workers": workers, "prefix": base, "host_config": host_config, "listen": listen,
+        "lua_package_path": ";".join(f"{d}/?.lua" for d in [str(lua_dir), *path_dirs]) + ";;",
         "lua_package_cpath": ";".join(f"{d}/?.so" for d in cpath_dirs) + ";;",
         "connect_timeout": limits.connect_timeout, "read_timeout": limits.read_timeout,
         "send_timeout": limits.send_timeout, "body_limit": limits.body_limit, "header_buffer": limits.header_buffer,

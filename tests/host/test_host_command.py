@@ -151,7 +151,8 @@ def test_the_installed_package_alone_renders_checks_and_runs_the_host(installed_
             return http_get(url + "/-/healthy")[0] == 200
         wait_until(listening, 20, what="the installed host")
         conf = (Path(host_prefix) / "nginx.conf").read_text()
-        assert str(host_dir) in conf and "user root" not in conf
+        assert "user root" not in conf
+        assert (Path(host_prefix) / "lua/pgwshard_host.lua").read_bytes() == (host_dir / "pgwshard_host.lua").read_bytes()
 
         long_value = "v" * 20_000  # a 20 KB grouping key: nginx's 8 KiB header buffers give 414
         big = b"# TYPE big gauge\n" + b"".join(b'big{n="%d"} 1\n' % i for i in range(150_000))
