@@ -64,17 +64,6 @@ def test_a_supervised_server_outlives_the_parent_that_started_it():
         wait_until(lambda: not _alive(pid), 10, what="the supervised server to stop")
 
 
-def test_an_unsupervised_server_exits_with_the_parent_that_started_it():
-    # Kong's behaviour: the server started by Kong goes when Kong goes
-    prefix = temp_dir("pgwshard-unsupervised-")
-    pid = _orphan_server(prefix)
-    try:
-        wait_until(lambda: not _alive(pid), 15, what="the server to follow its parent out")
-    finally:
-        if _alive(pid):
-            os.kill(pid, signal.SIGKILL)
-
-
 def test_a_server_whose_socket_was_taken_over_or_removed_exits():
     prefix = temp_dir("pgwshard-takeover-")
     socket_path = os.path.join(prefix, "pgwshard.sock")
