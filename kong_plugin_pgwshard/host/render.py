@@ -108,8 +108,12 @@ def worker_identity(socket: str, user: str | None = None, group: str | None = No
             if gid != 0:
                 group = grp.getgrgid(gid).gr_name
                 break
+    if not _exists(pwd.getpwnam, user):
+        raise HostRenderError(f"--user: no user {user!r} on this machine")
     if group is None:
-        group = grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name if _exists(pwd.getpwnam, user) else user
+        group = grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name
+    if not _exists(grp.getgrnam, group):
+        raise HostRenderError(f"--group: no group {group!r} on this machine")
     return user, group
 
 
