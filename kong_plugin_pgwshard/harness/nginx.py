@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from ..host.render import render
@@ -24,6 +25,7 @@ class NginxHost(ManagedProcess):
         """host_settings: more keys of the host config (render's), e.g. {"fail_fast": True}."""
         self.port = port or free_port()
         self.prefix = temp_dir("pgwshard-nginx-")
+        os.chmod(self.prefix, 0o755)  # workers (never root) read the host config and write temp files here
         self.conf = render(self.prefix, f"127.0.0.1:{self.port}", socket, plugin_config, upstream, workers,
                            read_timeout_ms, keepalive_pool, host_settings=host_settings)
         super().__init__("nginx-host", ["nginx", "-p", self.prefix, "-c", str(self.conf), "-g", "daemon off;"])

@@ -202,11 +202,15 @@ def test_a_raising_plugin_gets_kong_an_error_not_a_hang():
 
 
 def test_the_server_exits_when_kong_is_gone(tmp_path):
-    # A parent that starts the server and exits at once: init adopts the server, as when Kong dies.
+    # A parent that starts the server and exits once it listens: init adopts the server, as when
+    # Kong dies. (A server whose parent is init from the start has no Kong to follow: see
+    # test_plugin_supervision.py.)
     log = tmp_path / "server.log"
-    launcher = ("import subprocess, sys; p = subprocess.Popen([sys.executable, '-m', 'kong_plugin_pgwshard.plugin.server', "
-                f"'-p', {str(tmp_path)!r}], start_new_session=True, stdin=subprocess.DEVNULL, "
-                f"stdout=open({str(log)!r}, 'w'), stderr=subprocess.STDOUT); print(p.pid)")
+    launcher = ("import os, subprocess, sys, time; p = subprocess.Popen([sys.executable, '-m', "
+                f"'kong_plugin_pgwshard.plugin.server', '-p', {str(tmp_path)!r}], start_new_session=True, "
+                f"stdin=subprocess.DEVNULL, stdout=open({str(log)!r}, 'w'), stderr=subprocess.STDOUT)\n"
+                f"for _ in range(200):\n    if os.path.exists({str(tmp_path / 'pgwshard.sock')!r}): break\n"
+                "    time.sleep(0.1)\nprint(p.pid)")
     pid = int(subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, timeout=30,
                              check=True, cwd=REPO).stdout)
     try:
