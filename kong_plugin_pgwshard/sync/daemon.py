@@ -116,6 +116,7 @@ class Daemon:
         self._snapshots: queue.Queue[HealthSnapshot] = queue.Queue()
         self._dirty: dict[str, frozenset[Member]] = {}  # sink name -> set it still has to take
         self._rebalance_wanted = threading.Event()
+        self._changed_at = 0.0  # monotonic time of the last membership change
         self._ring = Ring()
         self._had_good = False  # no write happens before the first good snapshot
         self._source_failing = False
@@ -165,6 +166,7 @@ class Daemon:
         watcher.join(timeout=1)  # a blocking Consul query may outlive this; the thread is a daemon
         synced = self.damper.applied is not None and not self._dirty
         if synced and self.rebalancer is not None and self._ring.members:
+            time.sleep(self.settings.rebalance.settle)  # until the gateways follow the new set
             log.info("reconciliation: %s", self.rebalancer.reconcile(self._ring, sorted(self.known)))
         return synced
 
@@ -243,6 +245,7 @@ class Daemon:
             self.metrics.changes.inc()
             self._ring = Ring(wanted)
             self._dirty = {s.name: wanted for s in self.sinks}
+            self._changed_at = time.monotonic()
             self._rebalance_wanted.set()
         if time.monotonic() >= self._next_resync:
             self._dirty = {s.name: self.damper.applied for s in self.sinks}
@@ -260,12 +263,23 @@ class Daemon:
             self.metrics.last_good_sync = time.time()
 
     def _rebalance_loop(self) -> None:
-        interval = self.settings.rebalance.interval
+        """A pass every rebalance.interval; after a membership change one pass once it settled
+        (every gateway can have read the new membership, so none pushes to an old owner any
+        more), and a follow-up pass rebalance.follow_up later for copies recreated meanwhile."""
+        rb = self.settings.rebalance
+        follow_up_at: float | None = None
         while not self.stop.is_set():
-            self._rebalance_wanted.wait(interval)
+            wait = rb.interval if follow_up_at is None else max(0.0, follow_up_at - time.monotonic())
+            changed = self._rebalance_wanted.wait(min(wait, rb.interval))
             if self.stop.is_set():
                 return
-            self._rebalance_wanted.clear()
+            if changed:
+                self._wait_settled()
+                follow_up_at = time.monotonic() + rb.follow_up if rb.follow_up > 0 else None
+            elif follow_up_at is not None and time.monotonic() >= follow_up_at:
+                follow_up_at = None
+            if self.stop.is_set():
+                return
             if self.damper.applied is None or not self._ring.members:
                 continue
             try:
@@ -273,6 +287,16 @@ class Daemon:
                 log.info("reconciliation: %s", report)
             except Exception as err:  # noqa: BLE001 - a failed pass is retried at the next one
                 log.error("reconciliation failed: %r", err)
+
+
+    def _wait_settled(self) -> None:
+        # A change arriving while we wait starts the wait again: it moved the target once more.
+        while not self.stop.is_set():
+            self._rebalance_wanted.clear()
+            remaining = self._changed_at + self.settings.rebalance.settle - time.monotonic()
+            if remaining <= 0:
+                return
+            self.stop.wait(remaining)
 
 
 class _JsonFormatter(logging.Formatter):

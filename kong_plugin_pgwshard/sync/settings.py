@@ -81,6 +81,13 @@ class RebalanceSettings:
     enabled: bool = True
     interval: float = 60.0
     max_ops_per_second: float = 50.0
+    # After a membership change, wait until every gateway can have read it (the plugin's
+    # refresh_interval, 2 s by default, plus a margin) before moving anything: until then a
+    # gateway may still push to the old owner.
+    settle: float = 3.0
+    # A second pass this long after each change's first one removes copies that pushes of
+    # slow gateways recreated on old owners; 0 turns it off.
+    follow_up: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -232,7 +239,8 @@ def parse_settings(data: Any, source: str, environ: Mapping[str, str] = os.envir
         file_sd = FileSdSettings(path, dict(labels))
     rb = top.section("rebalance")
     rebalance = RebalanceSettings(rb.boolean("enabled", True), rb.duration("interval", 60.0, minimum=1.0),
-                                  rb.number("max_ops_per_second", 50.0, minimum=0.1))
+                                  rb.number("max_ops_per_second", 50.0, minimum=0.1),
+                                  rb.duration("settle", 3.0), rb.duration("follow_up", 5.0))
     rb.done()
     metrics = top.section("metrics")
     listen = metrics.string("listen", "127.0.0.1:9550")
