@@ -19,11 +19,12 @@ class NginxHost(ManagedProcess):
     """A real nginx with the Lua host, in front of a plugin server's socket."""
 
     def __init__(self, socket: str, plugin_config: dict, upstream: list[str], workers: int = 2,
-                 port: int | None = None, read_timeout_ms: int = 5000, keepalive_pool: int = 64):
+                 port: int | None = None, read_timeout_ms: int = 5000, keepalive_pool: int = 64,
+                 deletes: str | None = None):
         self.port = port or free_port()
         self.prefix = temp_dir("pgwshard-nginx-")
         self.conf = render(self.prefix, f"127.0.0.1:{self.port}", socket, plugin_config, upstream, workers,
-                           read_timeout_ms, keepalive_pool)
+                           read_timeout_ms, keepalive_pool, deletes)
         super().__init__("nginx-host", ["nginx", "-p", self.prefix, "-c", str(self.conf), "-g", "daemon off;"])
 
     @property

@@ -98,7 +98,7 @@ class Rebalancer:
                  timeout: float = 5.0, recheck_max_age: float = 1.0,
                  registry: CollectorRegistry | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, tombstones: Any = None):
         if max_ops_per_second is None:
             max_ops_per_second = _setting(settings, "max_ops_per_second", 50.0)
         if not max_ops_per_second > 0:
@@ -106,6 +106,9 @@ class Rebalancer:
         self.max_ops_per_second = float(max_ops_per_second)
         self.timeout = timeout
         self.recheck_max_age = recheck_max_age
+        # Deletes clients made through pgwshard-sync (sync/deletes.py): covered copies are
+        # deleted wherever they are, never moved. Anything with covers(key, pushed_at).
+        self.tombstones = tombstones
         self._clock = clock
         self._sleep = sleep
         self._next_op = 0.0
@@ -243,7 +246,14 @@ class Rebalancer:
                 owner = ring.owner(key).name
             except NoMembersError:
                 return []  # nobody to move to: leave everything where it is
-            moves += self._plan_group(key, owner, copies[key])
+            group_copies = copies[key]
+            if self.tombstones is not None:
+                dead = sorted(n for n, g in group_copies.items()
+                              if self.tombstones.covers(key, client_push_time(g)))
+                moves += [Move(key, n, owner, DELETE, "deleted by a client (tombstone)",
+                               client_push_time(group_copies[n])) for n in dead]
+                group_copies = {n: g for n, g in group_copies.items() if n not in dead}
+            moves += self._plan_group(key, owner, group_copies)
         return moves
 
     def _plan_group(self, key: GroupingKey, owner: str, copies: Mapping[str, Group]) -> list[Move]:

@@ -91,6 +91,16 @@ class RebalanceSettings:
 
 
 @dataclass(frozen=True)
+class DeletesSettings:
+    """Client DELETEs through pgwshard-sync, kept as tombstones (sync/deletes.py)."""
+
+    listen: str = "127.0.0.1:9552"
+    tombstone_file: str = ""
+    tombstone_ttl: float = 7 * 24 * 3600.0
+    route_prefix: str = ""
+
+
+@dataclass(frozen=True)
 class Settings:
     pushgateways: tuple[Member, ...] = ()
     source: str = "probes"  # probes | consul
@@ -103,6 +113,7 @@ class Settings:
     metrics_listen: str = "127.0.0.1:9550"
     log_level: str = "info"
     source_file: str = "<config>"
+    deletes: DeletesSettings | None = None
 
 
 class _Section:
@@ -242,6 +253,17 @@ def parse_settings(data: Any, source: str, environ: Mapping[str, str] = os.envir
                                   rb.number("max_ops_per_second", 50.0, minimum=0.1),
                                   rb.duration("settle", 3.0), rb.duration("follow_up", 5.0))
     rb.done()
+    deletes = None
+    if top.has("deletes"):
+        d = top.section("deletes")
+        deletes = DeletesSettings(d.string("listen", "127.0.0.1:9552"), d.string("tombstone_file", ""),
+                                  d.duration("tombstone_ttl", 7 * 24 * 3600.0, minimum=60.0),
+                                  d.string("route_prefix", ""))
+        if not deletes.tombstone_file:
+            raise d.error("tombstone_file", "is required: tombstones must survive a restart")
+        if not deletes.listen.rpartition(":")[2].isdigit():
+            raise d.error("listen", f"expected host:port, got {deletes.listen!r}")
+        d.done()
     metrics = top.section("metrics")
     listen = metrics.string("listen", "127.0.0.1:9550")
     metrics.done()
@@ -250,7 +272,7 @@ def parse_settings(data: Any, source: str, environ: Mapping[str, str] = os.envir
     log.done()
     top.done()
     return Settings(tuple(pushgateways), source_name, probes, consul, hold_down, kong, file_sd, rebalance,
-                    listen, level, source)
+                    listen, level, source, deletes)
 
 
 def _probes(s: _Section) -> ProbeSettings:
