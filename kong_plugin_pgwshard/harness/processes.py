@@ -152,6 +152,9 @@ class ManagedProcess:
         self.stop()
 
 
+PERSISTENCE_INTERVAL = "5s"  # the loss window README "Persistence" states for the shipped stacks
+
+
 class Pushgateway(ManagedProcess):
     """Debian's prometheus-pushgateway on a free loopback port with its own persistence file."""
 
@@ -167,6 +170,8 @@ class Pushgateway(ManagedProcess):
             binary,
             f"--web.listen-address=127.0.0.1:{self.port}",
             f"--persistence.file={self.data_dir}/pushgateway.data",
+            # A killed instance loses what it acknowledged since its last write: README "Persistence"
+            f"--persistence.interval={PERSISTENCE_INTERVAL}",
             "--log.level=warn",
             *(extra_args or []),
         ])
