@@ -156,6 +156,9 @@ class ManagedProcess:
         self.stop()
 
 
+PERSISTENCE_INTERVAL = "5s"  # the loss window README "Persistence" states for the shipped stacks
+
+
 class Pushgateway(ManagedProcess):
     """Debian's prometheus-pushgateway on a free loopback port with its own persistence file."""
 
@@ -173,6 +176,8 @@ class Pushgateway(ManagedProcess):
             binary,
             f"--web.listen-address={self.address}",
             f"--persistence.file={self.data_dir}/pushgateway.data",
+            # A killed instance loses what it acknowledged since its last write: README "Persistence"
+            f"--persistence.interval={PERSISTENCE_INTERVAL}",
             "--log.level=warn",
             *(extra_args or []),
         ])

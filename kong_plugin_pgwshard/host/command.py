@@ -55,6 +55,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--body-limit", default=defaults.body_limit, help="largest push body (default: %(default)s)")
     p.add_argument("--header-buffer", default=defaults.header_buffer,
                    help="largest request line, i.e. push path (default: %(default)s)")
+    p.add_argument("--deletes", metavar="HOST:PORT",
+                   help="pgwshard-sync's delete API (its deletes.listen): DELETEs go there, so an absent "
+                        "owner's deletes stick (README, Deletes)")
+    p.add_argument("--fail-fast", action="store_true",
+                   help="answer 503 when the plugin server fails, instead of Kong's way (the upstream's own balancing)")
     p.add_argument("--nginx", default="nginx", help="the nginx binary (default: %(default)s)")
 
 
@@ -77,7 +82,8 @@ def _render_checked(args: argparse.Namespace) -> Path:
     limits = PushLimits(connect_timeout=args.connect_timeout, read_timeout=args.read_timeout,
                         send_timeout=args.read_timeout, body_limit=args.body_limit, header_buffer=args.header_buffer)
     conf = render(args.prefix, args.listen, args.socket, Path(args.plugin_config), _upstream(args.upstream),
-                  args.workers, user=args.user, group=args.group, lua_path=args.lua_path, limits=limits)
+                  args.workers, user=args.user, group=args.group, lua_path=args.lua_path, limits=limits,
+                  deletes=args.deletes, host_settings={"fail_fast": True} if args.fail_fast else None)
     check = subprocess.run(_nginx_argv(args, conf) + ["-t", "-q"], capture_output=True, text=True, timeout=60)
     if check.returncode != 0:
         raise HostRenderError(f"nginx -t refused {conf}:\n{check.stderr.strip()}")

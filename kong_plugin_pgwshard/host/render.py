@@ -157,14 +157,17 @@ def _check_reachable(path: str, identity: tuple[str, str], write: bool, what: st
 def render(prefix: str, listen: str, socket: str, plugin_config: dict | os.PathLike, upstream: list[str],
            workers: int = 2, read_timeout_ms: int = 5000, keepalive_pool: int = 64, *,
            user: str | None = None, group: str | None = None, lua_path: list[str] | tuple[str, ...] = (),
-           limits: PushLimits = PushLimits(), host_settings: dict | None = None) -> Path:
+           limits: PushLimits = PushLimits(), host_settings: dict | None = None,
+           deletes: str | None = None) -> Path:
     """Write nginx.conf and the host config into prefix; returns nginx.conf.
 
     plugin_config: the plugin's config, written to <prefix>/plugin-config.json, or the path of a
     JSON file the host reads (and watches) instead. user/group: the workers' (see
     worker_identity). lua_path: directories searched first for the Lua modules the host needs.
     host_settings: more keys of the host config (kong/openresty/README.md lists them, e.g.
-    `fail_fast`, `hash_on`, `connect_timeout_ms`); they win over the arguments above."""
+    `fail_fast`, `hash_on`, `connect_timeout_ms`); they win over the arguments above.
+    deletes: pgwshard-sync's delete API (host:port, its `deletes.listen`): every DELETE goes
+    there, so it keeps a tombstone (README "Deletes"); the plugin still answers a bad push path."""
     base = Path(prefix).resolve()
     base.mkdir(parents=True, exist_ok=True)
     if isinstance(plugin_config, dict):
@@ -204,6 +207,8 @@ def render(prefix: str, listen: str, socket: str, plugin_config: dict | os.PathL
         "lua_package_cpath": ";".join(f"{d}/?.so" for d in cpath_dirs) + ";;",
         "connect_timeout": limits.connect_timeout, "read_timeout": limits.read_timeout,
         "send_timeout": limits.send_timeout, "body_limit": limits.body_limit, "header_buffer": limits.header_buffer,
+        "deletes": (f"            if ($request_method = DELETE) {{ proxy_pass http://{deletes}; }}"
+                    if deletes else ""),
     }
     text = (HOST_DIR / "nginx.conf.template").read_text()
     for name, value in values.items():

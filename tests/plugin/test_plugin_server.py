@@ -67,7 +67,9 @@ def test_push_goes_to_the_owner_of_its_group(rpc):
 def test_every_spelling_of_a_group_reaches_one_owner(rpc):
     iid = start(rpc)
     spellings = ["/metrics/job/j/a/1/b/2", "/metrics/job/j/b/2/a/1", "/metrics/job@base64/ag/a@base64/MQ==/b/2",
-                 "/metrics/job/j/job/other/a/1/b/2", "/metrics/job/j/a/0/a/1/b/2?x=y", "/metrics/job/%6A/a/1/b/%32"]
+                 "/metrics/job/j/job/other/a/1/b/2", "/metrics/job/j/a/0/a/1/b/2?x=y", "/metrics/job/%6A/a/1/b/%32",
+                 # Pushgateway's router matches the decoded path: these are pushes too (issue 14)
+                 "/%6detrics/job/j/a/1/b/2", "/metrics/%6Aob/j/a/1/b/2", "/metrics/job%2Fj%2Fa/1/b/2"]
     targets = {run_access(rpc, iid, Request(p)).target for p in spellings}
     assert len(targets) == 1 and None not in targets
 
