@@ -374,7 +374,7 @@ def test_stack_routes_pushes_to_the_healthy_compose_pushgateways(stack_plugin_se
 
     from kong_plugin_pgwshard.core.grouping import parse_push_path
     from kong_plugin_pgwshard.core.ring import Ring
-    from kong_plugin_pgwshard.harness.kong_rpc import KongRPC, Request, run_access
+    from kong_plugin_pgwshard.harness.kong_rpc import KongPlugin, KongRPC, Request
     from kong_plugin_pgwshard.harness.processes import wait_until
     from kong_plugin_pgwshard.sync.settings import load_settings
     from kong_plugin_pgwshard.sync.sinks import sinks_from_settings
@@ -393,20 +393,22 @@ def test_stack_routes_pushes_to_the_healthy_compose_pushgateways(stack_plugin_se
 
         declarative = yaml.safe_load(_kong_declarative_file().read_text())
         [plugin] = [p for s in declarative["services"] for p in s.get("plugins", []) if p["name"] == "pgwshard"]
-        config = {**plugin["config"], "admin_url": admin.url, "refresh_interval": 0.2,
-                  "route_id": "r1", "service_id": "s1", "__seq__": 1}  # keys Kong adds
-        instance = rpc.start_instance("pgwshard", config)
+        # The config as Kong hands it over: the schema the server gives Kong, defaults filled,
+        # Kong's keys injected (harness/kong_rpc.py kong_config names the Kong files)
+        kong = KongPlugin(rpc, rpc.plugin_info("pgwshard")["Schema"],
+                          {**plugin["config"], "admin_url": admin.url, "refresh_interval": 0.2},
+                          route_id="r1", service_id="s1")
         ring = Ring(healthy)
         paths = [f"/metrics/job/batch/instance/{i}" for i in "abcdefgh"]
 
         def routed() -> dict[str, tuple[str, int] | None]:
-            return {path: run_access(rpc, instance, Request(path)).target for path in paths}
+            return {path: kong.access(Request(path)).target for path in paths}
 
         expected = {path: (ring.owner(parse_push_path(path)).host, 9091) for path in paths}
         assert wait_until(lambda: routed() == expected, 10, what="pushes routed to their owners")
         assert {host for host, _ in expected.values()} == {"pushgateway-1", "pushgateway-3"}
         # A read is left to the route's upstream.
-        assert run_access(rpc, instance, Request("/api/v1/metrics", method="GET")).target is None
+        assert kong.access(Request("/api/v1/metrics", method="GET")).target is None
     finally:
         rpc.close()
         admin.stop()
