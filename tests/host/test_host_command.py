@@ -92,7 +92,7 @@ def test_render_sends_deletes_to_the_delete_api_and_keeps_fail_fast_a_choice():
                      "--deletes", "127.0.0.1:9552", "--fail-fast")
     assert result.returncode == 0, result.stderr
     conf = Path(result.stdout.strip()).read_text()
-    assert "if ($request_method = DELETE) { proxy_pass http://127.0.0.1:9552; }" in conf
+    assert "if ($request_method = DELETE) { return 418; }" in conf and "proxy_pass http://127.0.0.1:9552;" in conf
     assert json.loads((Path(prefix) / "host.json").read_text())["fail_fast"] is True
     plain = _open_dir("pgwshard-render-")
     result = _render(CHECKOUT_CLI, plain, "/run/pgwshard-test-absent/pgwshard.sock",

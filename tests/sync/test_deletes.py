@@ -131,3 +131,40 @@ def test_a_delete_that_cannot_be_recorded_is_not_acknowledged(tmp_path):
 def test_delete_settings_name_the_key(deletes, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         parse_settings({"pushgateways": ["a:1"], "deletes": deletes}, "test")
+
+
+def test_the_host_sends_deletes_past_the_plugin_to_the_delete_api(pushgateways, tmp_path):
+    """As Kong's pgwshard-deletes route (a service without the plugin): a DELETE through the
+    OpenResty host reaches pgwshard-sync even while the plugin server is down, and is recorded;
+    a push meanwhile goes Kong's way (the upstream's own hashing). Before, the host ran the
+    plugin on every DELETE first: with the plugin server down a delete was not acknowledged."""
+    from kong_plugin_pgwshard.harness.nginx import NginxHost
+    from kong_plugin_pgwshard.harness.processes import PluginServer
+
+    pgws = pushgateways(2)
+    tombs, port = tmp_path / "tombstones.json", free_port()
+    settings = parse_settings({
+        "pushgateways": [p.address for p in pgws],
+        "health": {"probes": {"interval": 0.2, "timeout": 0.5, "rise": 1, "fall": 1}},
+        "file_sd": {"path": str(tmp_path / "sd.json")},
+        "rebalance": {"enabled": False},
+        "deletes": {"listen": f"127.0.0.1:{port}", "tombstone_file": str(tombs)},
+    }, "test")
+    key = GroupingKey.from_labels({"job": "batch", "instance": "gone"})
+    for pgw in pgws:
+        assert request(pgw.url + key.path(), "PUT", b"batch_done 1\n") == 200
+    server = PluginServer().start()
+    host = NginxHost(server.socket_path, {"membership": "static", "nodes": [p.address for p in pgws]},
+                     [p.address for p in pgws], deletes=f"127.0.0.1:{port}").start()
+    try:
+        with running(Daemon(settings)):
+            wait_until(lambda: request(f"http://127.0.0.1:{port}/-/healthy", "GET") in (200, 404), 10,
+                       what="the delete API listening")
+            server.stop()
+            assert request(host.url + key.path(), "DELETE") == 202
+            assert all(str(key) not in held(p) for p in pgws)
+            assert Tombstones(str(tombs), ttl=3600).deleted_at(key) is not None
+            assert request(host.url + "/metrics/job/batch/instance/kept", "PUT", b"batch_done 2\n") == 200
+    finally:
+        host.stop()
+        server.stop()
