@@ -7,10 +7,8 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from contextlib import contextmanager
 
 import pytest
 
@@ -25,28 +23,12 @@ from kong_plugin_pgwshard.harness.processes import (
 )
 from kong_plugin_pgwshard.sync.daemon import Daemon, Damper
 from kong_plugin_pgwshard.sync.settings import parse_settings
+from tests.support.daemon import file_members, running
 
 CONSUL_TOKEN = "consul-token-never-logged"
 KONG_TOKEN = "kong-admin-token-never-logged"
 
 
-@contextmanager
-def running(daemon: Daemon):
-    thread = threading.Thread(target=daemon.run, daemon=True)
-    thread.start()
-    try:
-        yield daemon
-    finally:
-        daemon.stop.set()
-        thread.join(15)
-        assert not thread.is_alive()
-
-
-def file_members(path) -> set[str] | None:
-    try:
-        return set(json.loads(path.read_text())[0]["targets"])
-    except (OSError, ValueError):
-        return None
 
 
 @pytest.fixture

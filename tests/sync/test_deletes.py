@@ -1,11 +1,8 @@
 """Deletes through pgwshard-sync stick: real pushgateways with persistence, the real daemon."""
 from __future__ import annotations
 
-import json
-import threading
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
 
 import pytest
 
@@ -16,25 +13,7 @@ from kong_plugin_pgwshard.sync.daemon import Daemon
 from kong_plugin_pgwshard.sync.deletes import Tombstones
 from kong_plugin_pgwshard.sync.settings import parse_settings
 from kong_plugin_pgwshard.errors import ConfigError
-
-
-@contextmanager
-def running(daemon: Daemon):
-    thread = threading.Thread(target=daemon.run, daemon=True)
-    thread.start()
-    try:
-        yield daemon
-    finally:
-        daemon.stop.set()
-        thread.join(15)
-        assert not thread.is_alive()
-
-
-def members(path) -> set[str] | None:
-    try:
-        return set(json.loads(path.read_text())[0]["targets"])
-    except (OSError, ValueError):
-        return None
+from tests.support.daemon import file_members, running
 
 
 def request(url: str, method: str, body: bytes | None = None) -> int:
@@ -77,9 +56,9 @@ def test_a_delete_during_the_owners_outage_stays_deleted_when_it_returns(pushgat
     api = f"http://127.0.0.1:{port}"
 
     with running(Daemon(settings)):
-        wait_until(lambda: members(sd) == {p.address for p in pgws}, 10, what="three members")
+        wait_until(lambda: file_members(sd) == {p.address for p in pgws}, 10, what="three members")
         owner.stop()  # SIGTERM: it writes its persistence file
-        wait_until(lambda: members(sd) == {p.address for p in pgws[1:]}, 10, what="the owner gone")
+        wait_until(lambda: file_members(sd) == {p.address for p in pgws[1:]}, 10, what="the owner gone")
         assert request(api + deleted.path(), "DELETE") == 202
         assert request(api + pushed_again.path(), "DELETE") == 202
     standin = Ring(Member.parse(p.address) for p in pgws[1:]).owner(pushed_again).name
@@ -88,7 +67,7 @@ def test_a_delete_during_the_owners_outage_stays_deleted_when_it_returns(pushgat
     with running(Daemon(settings)):  # a new pgwshard-sync, from the same tombstone file
         returned = Pushgateway(port=owner.port, data_dir=owner.data_dir).start()
         try:
-            wait_until(lambda: members(sd) == {p.address for p in pgws}, 15, what="the owner rejoins")
+            wait_until(lambda: file_members(sd) == {p.address for p in pgws}, 15, what="the owner rejoins")
             everywhere = [held(p) for p in [returned, *pgws[1:]]]
             assert all(str(deleted) not in h for h in everywhere)
             # a push after the delete wins over the tombstone: it moves to its owner, one copy
