@@ -7,6 +7,8 @@
     pgwshard status [--nodes H:P,H:P | --nodes-file SD.json | --config pgwshard.yml] [--json]
         members, their health and weight, groups per member, groups not on their owner,
         duplicated groups, newest and oldest push per member; exit 1 when something needs attention
+    pgwshard host render|run --prefix DIR --listen ADDR --plugin-config FILE --upstream IP:PORT,...
+        the nginx + Lua host under your own nginx (host/command.py)
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from .core.file_sd import read_file_sd
 from .core.grouping import GroupingKey, parse_push_path
 from .core.ring import Member, Ring
 from .errors import GroupingKeyError, NoMembersError, UpstreamError
+from .host.command import add_parser as add_host_parser
 from .rebalance.rebalancer import Rebalancer, client_push_time
 
 NODES_ENV = "PGWSHARD_NODES"
@@ -280,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per pushgateway or Kong request")
     p.set_defaults(run=status)
+
+    add_host_parser(commands)
     return parser
 
 

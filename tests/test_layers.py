@@ -5,7 +5,7 @@
     plugin     the Kong edge: core and clients, never pgwshard-sync or the rebalancer
     rebalance  core and clients
     sync       pgwshard-sync: core, clients, rebalance
-    cli        core, clients, rebalance
+    cli        core, clients, rebalance, host (`pgwshard host render|run`)
     host       the nginx + Lua host's files: nothing of the project
     harness    real processes for the local stack, benches and tests: anything but the tests
 
@@ -31,7 +31,7 @@ ALLOWED = {
     "plugin": {"core", "clients"},
     "rebalance": {"core", "clients"},
     "sync": {"core", "clients", "rebalance"},
-    "cli": {"core", "clients", "rebalance"},
+    "cli": {"core", "clients", "rebalance", "host"},
     "host": set(),
     "harness": {"core", "clients", "plugin", "rebalance", "sync", "cli", "host"},
 }

@@ -2,7 +2,8 @@
 # pgwshard's local stack on one Debian machine: installs what it needs (Debian packages, a
 # virtualenv with pgwshard), then runs three pushgateways, the plugin server, the OpenResty host,
 # pgwshard-sync on its own probes and Prometheus; pushes sample groups, prints where each went,
-# and stays up until Ctrl-C. Arguments go to local_stack.py (--help).
+# and stays up until Ctrl-C. Arguments go to local_stack.py (--help). PGWSHARD_VENV: where to make
+# the virtualenv (default .venv in the checkout).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -14,6 +15,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
-[ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q -e .
-exec .venv/bin/python kong/openresty/local_stack.py "$@"
+venv="${PGWSHARD_VENV:-.venv}"
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/pip" install -q -e .   # the package alone: the stack needs no test extras
+exec "$venv/bin/python" kong/openresty/local_stack.py "$@"

@@ -25,6 +25,7 @@ from kong_plugin_pgwshard.harness.processes import (
     ManagedProcess,
     PluginServer,
     Pushgateway,
+    Respawner,
     free_port,
     http_get,
     temp_dir,
@@ -67,7 +68,7 @@ def main() -> None:
         wait_until(lambda: members_file.exists() and len(json.loads(members_file.read_text())[0]["targets"]) == 3,
                    20, what="pgwshard-sync to write the membership")
         server = PluginServer()
-        parts.append(server.start())
+        parts.append(Respawner(server).start())  # as Kong respawns a plugin server that dies
         host = NginxHost(server.socket_path, {"membership": "file", "membership_file": str(members_file),
                                               "refresh_interval": 1}, [p.address for p in pgws],
                          port=port() if port else 18000)

@@ -2,8 +2,12 @@
 
 Pushgateway (1.5.1, the version Debian ships; checked against a running instance) handles
 `/metrics/job/<JOB>{/<LABEL>/<VALUE>}` like this:
-- Go decodes %-escapes before routing, so `%2F` splits a segment like `/` does; `+` stays `+`;
-  a bad escape such as `%zz` is a 400.
+- Go decodes %-escapes of the whole path into `URL.Path` before anything routes it, and the
+  router matches that decoded path (httprouter v1.3.0's ServeHTTP reads `req.URL.Path`;
+  Pushgateway 1.5.1 registers `/metrics/job/:job/*labels` with prometheus/common's route). So
+  `/%6detrics/job/x` and `/metrics/%6Aob/x` are pushes of job x, and `%2F` splits a segment like
+  `/` does, also between `job` and its value (`/metrics/job%2Fx`); `+` stays `+`; a bad escape
+  such as `%zz` is a 400 for the whole request, before routing.
 - A path with `//`, `.` or `..` segments is not routed but redirected to its cleaned form.
 - `job@base64/<B64>` and `<LABEL>@base64/<B64>` carry URL-safe base64, padding optional;
   `@base64/=` (or an empty value) is the empty string.
@@ -77,14 +81,16 @@ def parse_push_path(path: str, prefix: str = "") -> GroupingKey | None:
     that Pushgateway would not accept.
     """
     path = path.partition("?")[0]
-    if prefix:
-        prefix = "/" + prefix.strip("/")
-        if not path.startswith(prefix + "/"):
-            return None
-        path = path[len(prefix):]
-    if not path.startswith(_PUSH_ROOT):
+    bad = _BAD_ESCAPE.search(path)
+    if bad:
+        if (_strip_prefix(path, prefix) or "").startswith(_PUSH_ROOT):
+            raise GroupingKeyError(f'invalid URL escape "{path[bad.start():bad.start() + 3]}"')
+        return None  # Go refuses the request before routing: nothing can be stored
+    decoded, utf8 = _unescape(path)
+    rest = _strip_prefix(decoded, prefix)
+    if rest is None or not rest.startswith(_PUSH_ROOT):
         return None
-    rest = path[len(_PUSH_ROOT):]
+    rest = rest[len(_PUSH_ROOT):]
     job_is_base64 = rest.startswith(_BASE64_SUFFIX)
     if job_is_base64:
         rest = rest[len(_BASE64_SUFFIX):]
@@ -92,9 +98,10 @@ def parse_push_path(path: str, prefix: str = "") -> GroupingKey | None:
         raise GroupingKeyError("job name is required")
     if not rest.startswith("/"):
         return None  # e.g. /metrics/jobs: some other path, not ours to judge
-    decoded = _unescape(rest)
-    _check_clean(decoded)
-    job_segment, sep, label_string = decoded[1:].partition("/")
+    if not utf8:
+        raise GroupingKeyError("path is not valid UTF-8 once %-escapes are decoded")
+    _check_clean(rest)
+    job_segment, sep, label_string = rest[1:].partition("/")
     job = _decode_base64(job_segment, "job name") if job_is_base64 else job_segment
     if not job:
         raise GroupingKeyError("job name is required")
@@ -125,16 +132,26 @@ def _check_label_name(name: str) -> None:
         raise GroupingKeyError(f'improper label name "{name}"')
 
 
-def _unescape(text: str) -> str:
+def _strip_prefix(path: str, prefix: str) -> str | None:
+    if not prefix:
+        return path
+    prefix = "/" + prefix.strip("/")
+    return path[len(prefix):] if path.startswith(prefix + "/") else None
+
+
+def _unescape(text: str) -> tuple[str, bool]:
+    """The path as Go's URL.Path holds it, and whether it is UTF-8 (if not, latin-1 decoded,
+    good only for telling whether it is a push path). No bad escapes left at this point."""
     if "%" not in text and text.isascii():
-        return text  # the common case, and nothing to decode
-    bad = _BAD_ESCAPE.search(text)
-    if bad:
-        raise GroupingKeyError(f'invalid URL escape "{text[bad.start():bad.start() + 3]}"')
-    try:  # a host may hand over raw bytes decoded with surrogateescape: refuse those too
-        return unquote_to_bytes(text).decode("utf-8")
+        return text, True  # the common case, and nothing to decode
+    try:  # a host may hand over raw bytes decoded with surrogateescape
+        raw = unquote_to_bytes(text.encode("utf-8", "surrogateescape"))
+    except UnicodeError:  # any other lone surrogate: bytes that are not UTF-8 either
+        raw = unquote_to_bytes(text.encode("utf-8", "surrogatepass"))
+    try:
+        return raw.decode("utf-8"), True
     except UnicodeError:
-        raise GroupingKeyError("path is not valid UTF-8 once %-escapes are decoded") from None
+        return raw.decode("latin-1"), False
 
 
 def _check_clean(decoded: str) -> None:

@@ -7,44 +7,15 @@ key is the same in every process and on every machine, whatever Python's hash se
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from uhashring import HashRing
 
 from ..errors import NoMembersError
 from .grouping import GroupingKey
+from .members import DEFAULT_WEIGHT, Member
 
-DEFAULT_WEIGHT = 100  # Kong's default target weight
-_HOST_PORT = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\s\[\]/]+)):(?P<port>\d+)\Z")
-
-
-@dataclass(frozen=True, order=True)
-class Member:
-    """A pushgateway on the ring. Weight 0 means present but taking no groups (as in Kong)."""
-
-    host: str
-    port: int
-    weight: int = DEFAULT_WEIGHT
-
-    @property
-    def name(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-    @classmethod
-    def parse(cls, text: str, weight: int = DEFAULT_WEIGHT) -> Member:
-        """Parse "host:port" (or "[v6]:port"); raises ValueError with the offending text."""
-        match = _HOST_PORT.match(text.strip())
-        if not match:
-            raise ValueError(f"expected host:port, got {text!r}")
-        port = int(match["port"])
-        if not 0 < port < 65536:
-            raise ValueError(f"port out of range in {text!r}")
-        if not 0 <= weight <= 65535:
-            raise ValueError(f"weight must be 0..65535, got {weight} for {text!r}")
-        return cls(match["v6"] or match["host"], port, weight)
+__all__ = ["DEFAULT_WEIGHT", "Member", "Ring"]  # Member lives in members.py; most callers import it here
 
 
 class Ring:

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -41,10 +42,10 @@ def _clean_up() -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def free_port(ip: str = "127.0.0.1") -> int:
+    """A TCP port on `ip` (a loopback address, 127.0.0.1 or ::1) that nothing listens on right now."""
+    with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET) as s:
+        s.bind((ip, 0))
         return s.getsockname()[1]
 
 
@@ -100,8 +101,11 @@ def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "c
 class ManagedProcess:
     """A child process with its output in a log file, stopped on stop() or context exit."""
 
-    def __init__(self, name: str, argv: list[str], env: dict | None = None, cwd: str | None = None):
+    def __init__(self, name: str, argv: list[str], env: dict | None = None, cwd: str | None = None,
+                 group: str | None = None):
+        """group: run in this group (a root harness giving a socket to nginx workers' group)."""
         self.name = name
+        self.group = group
         self.argv = argv
         self.env = env
         self.cwd = cwd
@@ -112,7 +116,7 @@ class ManagedProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=self.env, cwd=self.cwd, start_new_session=True,
+            env=self.env, cwd=self.cwd, start_new_session=True, group=self.group,
         )
         log.close()
         _RUNNING.add(self)
@@ -152,28 +156,35 @@ class ManagedProcess:
         self.stop()
 
 
+PERSISTENCE_INTERVAL = "5s"  # the loss window README "Persistence" states for the shipped stacks
+
+
 class Pushgateway(ManagedProcess):
     """Debian's prometheus-pushgateway on a free loopback port with its own persistence file."""
 
     BINARY = "prometheus-pushgateway"
 
     def __init__(self, port: int | None = None, extra_args: list[str] | None = None,
-                 data_dir: str | None = None):
-        """data_dir: reuse another instance's persistence (restart with other flags)."""
-        self.port = port or free_port()
+                 data_dir: str | None = None, ip: str = "127.0.0.1"):
+        """data_dir: reuse another instance's persistence (restart with other flags);
+        ip: the loopback address to listen on ("::1" for IPv6)."""
+        self.ip = ip
+        self.port = port or free_port(ip)
         self.data_dir = data_dir or temp_dir("pgwshard-pgw-")
         binary = shutil.which(self.BINARY) or "/usr/bin/prometheus-pushgateway"
         super().__init__(f"pushgateway-{self.port}", [
             binary,
-            f"--web.listen-address=127.0.0.1:{self.port}",
+            f"--web.listen-address={self.address}",
             f"--persistence.file={self.data_dir}/pushgateway.data",
+            # A killed instance loses what it acknowledged since its last write: README "Persistence"
+            f"--persistence.interval={PERSISTENCE_INTERVAL}",
             "--log.level=warn",
             *(extra_args or []),
         ])
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
 
     @property
     def url(self) -> str:
@@ -237,16 +248,24 @@ class Consul(ManagedProcess):
 
 
 class PluginServer(ManagedProcess):
-    """The real `pgwshard-plugin`, listening on <prefix>/pgwshard.sock.
+    """The real `pgwshard-plugin`, listening on <prefix>/pgwshard.sock, following this process as
+    Kong's plugin servers follow Kong.
 
-    Its watchdog exits when its parent is PID 1, so it is started by the test process itself.
+    nginx workers run as an unprivileged user when the harness runs as root (the host never
+    renders `user root`): they must pass the prefix and may connect to the socket (loopback
+    tests only; a real install gives the socket to a group, see systemd/).
     """
 
-    def __init__(self, extra_args: list[str] | None = None):
+    SOCKET_MODE = 0o666
+
+    def __init__(self, extra_args: list[str] | None = None, prefix: str | None = None):
+        """prefix: another server's directory (a restart on the same socket, as Kong respawns it)."""
         import sys
-        self.prefix = temp_dir("pgwshard-prefix-")
+        self.prefix = prefix or temp_dir("pgwshard-prefix-")
+        os.chmod(self.prefix, 0o711)
         super().__init__("plugin-server", [
-            sys.executable, "-m", "kong_plugin_pgwshard.plugin.server", "-p", self.prefix, *(extra_args or []),
+            sys.executable, "-m", "kong_plugin_pgwshard.plugin.server", "-p", self.prefix,
+            "--socket-mode", f"{self.SOCKET_MODE:o}", *(extra_args or []),
         ])
 
     @property
@@ -264,6 +283,7 @@ class PluginServer(ManagedProcess):
             return True
 
         wait_until(accepting, 20, what="plugin server socket")
+        os.chmod(self.socket_path, self.SOCKET_MODE)  # also for servers that know no --socket-mode
         return self
 
     def rss_kib(self) -> int:
@@ -273,3 +293,47 @@ class PluginServer(ManagedProcess):
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1])
         raise RuntimeError("no VmRSS")
+
+
+class Respawner:
+    """Restarts a process that dies, as Kong respawns its plugin servers: one start per second at
+    most, none once the command is not found (exit 127) (kong/runloop/plugin_servers/process.lua).
+    Has `start()` and `stop()` like the process it watches; stop() stops both."""
+
+    def __init__(self, process: ManagedProcess, interval: float = 0.2):
+        self.process = process
+        self.interval = interval
+        self.restarts = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "Respawner":
+        if not self.process.running:
+            self.process.start()
+        self._thread = threading.Thread(target=self._watch, name=f"respawn-{self.process.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        last_start = time.monotonic()
+        while not self._stop.wait(self.interval):
+            proc = self.process.proc
+            if proc is None or proc.poll() is None:
+                continue  # running, or stopped on purpose
+            if proc.returncode == 127:
+                return  # Kong gives up too: the command is not there
+            self._stop.wait(max(0.0, last_start + 1.0 - time.monotonic()))
+            if self._stop.is_set():
+                return
+            last_start = time.monotonic()
+            try:
+                self.process.start()
+                self.restarts += 1
+            except Exception:  # noqa: BLE001 - try again at the next tick, as Kong does
+                pass
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.process.stop(timeout)

@@ -7,6 +7,7 @@ EVENT_TTL_SECONDS.
 """
 from __future__ import annotations
 
+import secrets
 import time
 import traceback
 from typing import Any
@@ -24,6 +25,12 @@ RET = "ret"  # the answer that ends an event
 # plugin server after its socket timeout (60 s by default).
 EVENT_TTL_SECONDS = 600.0
 IDLE_RUNNERS = 64  # phase greenlets kept for reuse: more than the events one server has in flight
+# Instance ids start at a random base per process, so a restarted server never hands out an id
+# an earlier process gave (a Kong worker may still hold one): a stale id gets "no plugin
+# instance", on which Kong starts an instance again (kong/runloop/plugin_servers/rpc/mp_rpc.lua),
+# instead of reaching another config's instance. 31 bits leave 2^31 starts of headroom below
+# 2^32, and Kong's Lua reads msgpack integers as doubles, exact far beyond that.
+INSTANCE_ID_BITS = 31
 
 
 class _Raised:
@@ -53,7 +60,16 @@ class PgwshardPluginServer(PluginServer):
 
     def __init__(self, loglevel: int = Logger.WARNING):
         super().__init__(loglevel=loglevel, name=f"{handler.NAME} version {handler.version}")
+        self.instance_id = secrets.randbits(INSTANCE_ID_BITS)  # kong-pdk counts up from here
         self._idle: list[greenlet] = []
+
+    def get_plugin_info(self, name: str) -> dict:
+        """kong-pdk's info, with pgwshard's whole schema: kong-pdk would wrap only the `config`
+        fields, without `protocols` or the config's entity checks."""
+        info = super().get_plugin_info(name)
+        if name == handler.NAME:
+            info["Schema"] = handler.KONG_SCHEMA
+        return info
 
     def handle_event(self, event: dict) -> dict:
         iid = event["InstanceId"]

@@ -17,18 +17,23 @@ from .. import __version__
 from ..core.grouping import parse_push_path
 from ..core.ring import Member, Ring
 from ..errors import GroupingKeyError, NoMembersError
-from .config import SCHEMA, PluginConfig
+from .config import FIELDS, PluginConfig, kong_schema
 from .membership import membership_for, release
 
 NAME = "pgwshard"  # the plugin's name in kong.conf's `plugins` and in kong.yml
-Schema = SCHEMA
+Schema = FIELDS  # the `config` record's fields, as kong-pdk's Module reads them
+KONG_SCHEMA = kong_schema(NAME)  # the whole schema --dump gives Kong (with `protocols`, entity checks)
 version = __version__
 # After authentication (1000+) and rate limiting (910), before request-transformer (801) and the
 # logging plugins: a rejected or throttled push never reaches a pushgateway.
 priority = 850
-# Push paths whose owner is remembered; at the bound the memo starts afresh, so a stream of
-# distinct paths costs a few MB at most.
-OWNER_MEMO_SIZE = 16384
+# Push paths whose owner is remembered, bounded in bytes (a bound in entries let 16,384 paths of
+# 8 KB each take ~130 MB per instance): at the bound the memo starts afresh. A path longer than
+# MEMO_MAX_PATH is never remembered: it is parsed each time (a fleet's paths are ~100 bytes).
+OWNER_MEMO_BYTES = 4 * 1024 * 1024
+MEMO_MAX_PATH = 1024
+# What one entry costs besides its path's characters: the str header, a dict slot, a reference.
+_MEMO_ENTRY_OVERHEAD = 120
 
 
 class Plugin:
@@ -39,6 +44,7 @@ class Plugin:
         self.membership = membership_for(self.config)
         self._memo_ring: Ring | None = None
         self._owners: dict[str, Member] = {}
+        self._memo_bytes = 0  # what self._owners holds, by the estimate above
 
     def close(self) -> None:
         """Kong closed this instance (pgwshard-plugin calls this; kong-pdk's own server does not)."""
@@ -69,14 +75,17 @@ class Plugin:
     def _owner(self, path: str) -> Member | None:
         ring = self.membership.ring()
         if ring is not self._memo_ring:  # membership changed: owners may have too
-            self._memo_ring, self._owners = ring, {}
+            self._memo_ring, self._owners, self._memo_bytes = ring, {}, 0
         owner = self._owners.get(path)
         if owner is None:
             key = parse_push_path(path, self.config.route_prefix)
             if key is None:
                 return None
             owner = ring.owner(key)
-            if len(self._owners) >= OWNER_MEMO_SIZE:
-                self._owners = {}
-            self._owners[path] = owner
+            if len(path) <= MEMO_MAX_PATH:
+                cost = len(path) + _MEMO_ENTRY_OVERHEAD
+                if self._memo_bytes + cost > OWNER_MEMO_BYTES:
+                    self._owners, self._memo_bytes = {}, 0
+                self._owners[path] = owner
+                self._memo_bytes += cost
         return owner

@@ -33,13 +33,58 @@ def _method_name(rpc_method: str) -> str | None:
     return command[0].lower() + _CAMEL.sub(lambda m: f"{m.group(1)}_{m.group(2).lower()}", command[1:])
 
 
-class RPCServer:
-    """One thread, one epoll loop, every connection Kong opens; a msgpack RPC in, its answer out."""
+class Watchdog:
+    """Says when the server should stop on its own: its parent (Kong) is gone, or its socket was
+    removed or taken over by another server.
 
-    def __init__(self, server: PgwshardPluginServer, path: str, listen_queue_size: int = 4096):
+    Kong starts the plugin server from an nginx worker and respawns it, but never stops it
+    (kong/runloop/plugin_servers/process.lua): the server must notice Kong's exit itself.
+    kong-pdk's watchdog does that by exiting once init adopts it (parent PID 1), which also
+    kills a server that init started on purpose (systemd, a container's init) within a second.
+    Here the watchdog follows the parent the server started under, and only when that was not
+    init; `follow_parent=False` (`--no-parent-watchdog`) leaves stopping to a supervisor. A
+    supervised server still exits when a newer one owns its socket path, so a restart never
+    leaves two serving.
+    """
+
+    def __init__(self, path: str, follow_parent: bool = True):
+        self.path = path
+        parent = os.getppid()
+        self.parent = parent if follow_parent and parent != 1 else None
+        self._socket: tuple[int, int] | None = None
+
+    def bound(self) -> None:
+        """Remember the socket file this server bound."""
+        st = os.stat(self.path)
+        self._socket = (st.st_dev, st.st_ino)
+
+    def reason_to_stop(self) -> str | None:
+        if self.parent is not None and os.getppid() != self.parent:
+            return "Kong exits (the process that started this server is gone), terminating..."
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return f"the socket {self.path} was removed, terminating..."
+        except OSError:
+            return None  # cannot tell: keep serving
+        if (st.st_dev, st.st_ino) != self._socket:
+            return f"another server took over the socket {self.path}, terminating..."
+        return None
+
+
+class RPCServer:
+    """One thread, one epoll loop, every connection Kong opens; a msgpack RPC in, its answer out.
+
+    socket_mode: the socket file's mode (e.g. 0o660, so that nginx workers in the server's group
+    may connect); None leaves it to the umask."""
+
+    def __init__(self, server: PgwshardPluginServer, path: str, listen_queue_size: int = 4096,
+                 follow_parent: bool = True, socket_mode: int | None = None):
         self.server = server
         self.path = path
         self.listen_queue_size = listen_queue_size
+        self.watchdog = Watchdog(path, follow_parent)
+        self.socket_mode = socket_mode
         self._methods: dict[str, Any] = {}
         self._pack = msgpack.Packer(unicode_errors="surrogateescape").pack  # bytes go back as they came
 
@@ -69,6 +114,9 @@ class RPCServer:
             os.remove(self.path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(self.path)
+        if self.socket_mode is not None:
+            os.chmod(self.path, self.socket_mode)
+        self.watchdog.bound()
         listener.listen(self.listen_queue_size)
         listener.setblocking(False)
         self._listener, self._poller = listener, select.epoll()
@@ -88,8 +136,9 @@ class RPCServer:
                 if now < next_tick:
                     continue
                 next_tick = now + WATCHDOG_SECONDS
-                if os.getppid() == 1:  # Kong is gone and init adopted us
-                    self.server.logger.info("Kong exits, terminating...")
+                reason = self.watchdog.reason_to_stop()
+                if reason:
+                    self.server.logger.info(reason)
                     return
                 self.server.expire_events(now)
                 if self._accept_paused:

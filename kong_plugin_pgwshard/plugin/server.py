@@ -67,9 +67,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="directory of the unix socket (default: %(default)s)")
     parser.add_argument("--socket-name", default=f"{NAME}.sock", help="socket file name (default: %(default)s)")
     parser.add_argument("--listen-queue-size", type=int, default=4096)
+    parser.add_argument("--socket-mode", type=_octal, help="the socket's mode, e.g. 0660 for nginx workers in "
+                                                          "this server's group (default: from the umask)")
+    parser.add_argument("--no-parent-watchdog", dest="follow_parent", action="store_false",
+                        help="run under a supervisor (systemd, a container's init): do not exit when the "
+                             "parent process does (a server started by init never follows it)")
     parser.add_argument("-v", "--verbose", action="count", default=1, help="more logging, repeatable")
     parser.add_argument("--dump", "-dump", action="store_true", help="print the plugin info Kong asks for, and exit")
     return parser.parse_args(argv)
+
+
+def _octal(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal file mode: {text!r}") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"not a file mode: {text!r}")
+    return mode
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     if not os.path.isdir(args.prefix):
         sys.exit(f"pgwshard-plugin: the prefix {args.prefix} is not a directory")
     try:
-        RPCServer(server, os.path.join(args.prefix, args.socket_name), args.listen_queue_size).serve_forever()
+        RPCServer(server, os.path.join(args.prefix, args.socket_name), args.listen_queue_size,
+                  args.follow_parent, args.socket_mode).serve_forever()
     except KeyboardInterrupt:
         pass
 

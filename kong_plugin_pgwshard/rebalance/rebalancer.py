@@ -6,6 +6,9 @@ ring the plugin routes with) who owns each, and for every copy on a non-owner de
 - the owner holds a copy at least as new  -> delete the stale copy;
 - otherwise the newest copy is PUT on the owner (after re-checking the owner right before),
   then deleted from where it was; other, older copies are deleted;
+- every delete of a copy on a non-owner happens only if that copy is still exactly what the
+  survey saw (same push time, same families), read again after all the pass's copies: a client
+  push that reached the old owner meanwhile is left for the next pass, never deleted;
 - the newest version this rebalancer ever saw of the group is gone from the instance that held
   it (a client deleted it there)  -> the older copies are stale remains: delete them, never copy.
 
@@ -95,7 +98,7 @@ class Rebalancer:
                  timeout: float = 5.0, recheck_max_age: float = 1.0,
                  registry: CollectorRegistry | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, tombstones: Any = None):
         if max_ops_per_second is None:
             max_ops_per_second = _setting(settings, "max_ops_per_second", 50.0)
         if not max_ops_per_second > 0:
@@ -103,6 +106,9 @@ class Rebalancer:
         self.max_ops_per_second = float(max_ops_per_second)
         self.timeout = timeout
         self.recheck_max_age = recheck_max_age
+        # Deletes clients made through pgwshard-sync (sync/deletes.py): covered copies are
+        # deleted wherever they are, never moved. Anything with covers(key, pushed_at).
+        self.tombstones = tombstones
         self._clock = clock
         self._sleep = sleep
         self._next_op = 0.0
@@ -148,15 +154,18 @@ class Rebalancer:
         self._misplaced.set(sum(1 for m in moves if m.source != m.target))
         owner_listing: dict[str, tuple[float, dict[GroupingKey, Group]]] = {}
         dead_owners: set[str] = set()
+        # Deletes from non-owners wait until every copy of the pass is made: one fresh listing
+        # of each source, taken after the last PUT, then proves each copy unchanged.
+        to_delete: list[tuple[Move, bool]] = []  # (move, count it as a delete)
         for move in moves:
             if move.action == SKIP or move.target in dead_owners:
                 report.skipped += 1
                 continue
             if move.action == DELETE and move.source != move.target:
-                self._delete(move, report)
+                to_delete.append((move, True))
                 continue
             try:
-                listed_at, owner_now = self._owner_listing(move.target, owner_listing)
+                listed_at, owner_now = self._listing(move.target, owner_listing)
             except UpstreamError as exc:
                 dead_owners.add(move.target)
                 report.unreachable.append(move.target)
@@ -170,7 +179,7 @@ class Rebalancer:
                 continue
             if current is not None and client_push_time(current) >= move.pushed_at:
                 # A client pushed to the owner since the survey: its copy wins.
-                self._delete(move, report)
+                to_delete.append((move, True))
                 continue
             group = holdings[move.source][move.key]
             try:
@@ -185,7 +194,8 @@ class Rebalancer:
             report.window_seconds = max(report.window_seconds, self._clock() - listed_at)
             self._remember(move.key, move.pushed_at, move.target, moved=True)
             report.moved += 1
-            self._delete(move, report, count=False)
+            to_delete.append((move, False))  # counted as moved, not as a delete
+        self._delete_unchanged(to_delete, holdings, report)
         report.seconds = self._clock() - started
         self._moved.inc(report.moved)
         self._deleted.inc(report.deleted)
@@ -236,7 +246,14 @@ class Rebalancer:
                 owner = ring.owner(key).name
             except NoMembersError:
                 return []  # nobody to move to: leave everything where it is
-            moves += self._plan_group(key, owner, copies[key])
+            group_copies = copies[key]
+            if self.tombstones is not None:
+                dead = sorted(n for n, g in group_copies.items()
+                              if self.tombstones.covers(key, client_push_time(g)))
+                moves += [Move(key, n, owner, DELETE, "deleted by a client (tombstone)",
+                               client_push_time(group_copies[n])) for n in dead]
+                group_copies = {n: g for n, g in group_copies.items() if n not in dead}
+            moves += self._plan_group(key, owner, group_copies)
         return moves
 
     def _plan_group(self, key: GroupingKey, owner: str, copies: Mapping[str, Group]) -> list[Move]:
@@ -272,7 +289,7 @@ class Rebalancer:
 
     # -- writes --------------------------------------------------------------------------
 
-    def _owner_listing(self, owner: str, cache: dict[str, tuple[float, dict[GroupingKey, Group]]]
+    def _listing(self, owner: str, cache: dict[str, tuple[float, dict[GroupingKey, Group]]]
                        ) -> tuple[float, dict[GroupingKey, Group]]:
         listed = cache.get(owner)
         if listed is None or self._clock() - listed[0] > self.recheck_max_age:
@@ -289,6 +306,31 @@ class Rebalancer:
                 self._client(move.target).delete_group(move.key)
         except UpstreamError:
             pass  # the next pass sees the husk as an older copy and tries again
+
+    def _delete_unchanged(self, moves: list[tuple[Move, bool]], holdings: Mapping[str, Mapping[GroupingKey, Group]],
+                          report: ReconcileReport) -> None:
+        """Delete each move's source copy if it still is exactly the surveyed one.
+
+        Pushgateway has no conditional DELETE, so this narrows the race to one listing's age
+        (at most recheck_max_age) instead of a whole pass; the daemon's settle time, after which
+        no gateway sends pushes to a former owner, closes the rest (docs/rebalancing.md).
+        """
+        listings: dict[str, tuple[float, dict[GroupingKey, Group]]] = {}
+        for move, count in sorted(moves, key=lambda m: m[0].source):  # one listing per source
+            try:
+                _, now_there = self._listing(move.source, listings)
+            except UpstreamError as exc:
+                report.failed += 1
+                report.errors.append(str(exc))
+                continue
+            surveyed, current = holdings[move.source][move.key], now_there.get(move.key)
+            if current is None:
+                continue  # gone already (a client deleted it): nothing left to remove
+            if current.push_time != surveyed.push_time or current.families != surveyed.families:
+                # A client pushed here after the survey: its data is newer than what was copied.
+                report.skipped += 1
+                continue
+            self._delete(move, report, count=count)
 
     def _delete(self, move: Move, report: ReconcileReport, count: bool = True) -> None:
         try:

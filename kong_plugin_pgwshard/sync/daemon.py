@@ -175,6 +175,10 @@ class Daemon:
         self.source = source or self._source()
         self.sinks = list(sinks if sinks is not None else sinks_from_settings(settings))
         self.damper = Damper(settings.hold_down)
+        self.tombstones = None
+        if settings.deletes is not None:
+            from .deletes import Tombstones
+            self.tombstones = Tombstones(settings.deletes.tombstone_file, settings.deletes.tombstone_ttl)
         self.rebalancer = rebalancer if rebalancer is not None else self._rebalancer()
         # configured pushgateways by name: a source's member takes its configured weight
         self._configured = {m.name: m for m in settings.pushgateways}
@@ -186,6 +190,7 @@ class Daemon:
         self.workers = [SinkWorker(sink, self.metrics, self.stop) for sink in self.sinks]
         self._snapshots: queue.Queue[HealthSnapshot] = queue.Queue()
         self._rebalance_wanted = threading.Event()
+        self._changed_at = 0.0  # monotonic time of the last membership change
         self._ring = Ring()
         # What the rebalance thread reads: one immutable (ring, known instances) pair, replaced
         # whole by the main thread, never mutated, so a pass sees one consistent membership.
@@ -205,13 +210,18 @@ class Daemon:
         if not self.settings.rebalance.enabled:
             return None
         from ..rebalance.rebalancer import Rebalancer
-        return Rebalancer(self.settings.rebalance, registry=self.registry)
+        return Rebalancer(self.settings.rebalance, registry=self.registry, tombstones=self.tombstones)
 
     # --- threads -------------------------------------------------------------------------------
 
     def run(self) -> None:
         """Run until stop is set (signals set it)."""
         self._register()
+        delete_api = None
+        if self.tombstones is not None:
+            from .deletes import DeleteAPI
+            delete_api = DeleteAPI(self.settings.deletes.listen, self.tombstones,
+                                   lambda: [m.name for m in self.known], self.settings.deletes.route_prefix).start()
         threads = [threading.Thread(target=self._watch, name="pgwshard-watch", daemon=True)]
         if self.rebalancer is not None:
             threads.append(threading.Thread(target=self._rebalance_loop, name="pgwshard-rebalance", daemon=True))
@@ -232,6 +242,8 @@ class Daemon:
             t.join(timeout=1 if t.name == "pgwshard-watch" else 5)
         for worker in self.workers:
             worker.join(timeout=1)
+        if delete_api is not None:
+            delete_api.stop()
 
     def run_once(self, timeout: float) -> bool:
         """One sync (`--once`): wait up to `timeout` for a set to apply, write it to every sink,
@@ -251,6 +263,7 @@ class Daemon:
         watcher.join(timeout=1)  # a blocking Consul query may outlive this; the thread is a daemon
         ring, instances = self.placement
         if synced and self.rebalancer is not None and ring.members:
+            time.sleep(self.settings.rebalance.settle)  # until the gateways follow the new set
             log.info("reconciliation: %s", self.rebalancer.reconcile(ring, instances))
         return synced
 
@@ -343,8 +356,11 @@ class Daemon:
     def _apply(self, wanted: frozenset[Member] | None) -> None:
         if wanted is None:
             return  # no good snapshot yet: write nothing
-        if wanted != self.damper.applied:
-            old = self.damper.applied or frozenset()
+        old = self.damper.applied or frozenset()
+        if wanted != self.damper.applied and wanted:
+            # a set emptied only by refusals is no set to write: keep the last one
+            wanted = self._admit(wanted, old) or self.damper.applied or None
+        if wanted is not None and wanted != self.damper.applied:
             log.info("membership change: %s", json.dumps({
                 "members": sorted(m.name for m in wanted), "added": sorted(m.name for m in wanted - old),
                 "removed": sorted(m.name for m in old - wanted)}))
@@ -353,9 +369,12 @@ class Daemon:
             self.metrics.changes.inc()
             self._ring = Ring(wanted)
             self.placement = (self._ring, tuple(sorted(self.known)))
+            self._changed_at = time.monotonic()
             for worker in self.workers:
                 worker.offer(wanted)
             self._rebalance_wanted.set()
+        if self.damper.applied is None:
+            return  # every member refused the tombstones so far: nothing written yet
         if time.monotonic() >= self._next_resync:
             for worker in self.workers:
                 worker.offer(self.damper.applied)
@@ -363,21 +382,61 @@ class Daemon:
         if self.workers and self.synced:
             self.metrics.last_good_sync = time.time()
 
+    def _admit(self, wanted: frozenset[Member], old: frozenset[Member]) -> frozenset[Member]:
+        """Joining members get the tombstones applied first: a pushgateway that was away when
+        a client deleted a group must not serve (or be the source of a move of) its old copy.
+        One that cannot take them stays out and is tried again at the next step."""
+        if self.tombstones is None or not len(self.tombstones):
+            return wanted
+        from ..clients.pushgateway import PushgatewayClient
+        from .deletes import apply_tombstones
+        refused = set()
+        for member in wanted - old:
+            try:
+                removed = apply_tombstones(PushgatewayClient(member.name), self.tombstones)
+                if removed:
+                    log.info("%s rejoins: deleted %d group(s) deleted while it was away", member.name, removed)
+            except UpstreamError as err:
+                log.warning("%s stays out until it takes the tombstones: %s", member.name, err)
+                refused.add(member)
+        return wanted - refused
+
     def _rebalance_loop(self) -> None:
-        interval = self.settings.rebalance.interval
+        """A pass every rebalance.interval; after a membership change one pass once it settled
+        (every gateway can have read the new membership, so none pushes to an old owner any
+        more), and a follow-up pass rebalance.follow_up later for copies recreated meanwhile."""
+        rb = self.settings.rebalance
+        follow_up_at: float | None = None
         while not self.stop.is_set():
-            self._rebalance_wanted.wait(interval)
+            wait = rb.interval if follow_up_at is None else max(0.0, follow_up_at - time.monotonic())
+            changed = self._rebalance_wanted.wait(min(wait, rb.interval))
             if self.stop.is_set():
                 return
-            self._rebalance_wanted.clear()
+            if changed:
+                self._wait_settled()
+                follow_up_at = time.monotonic() + rb.follow_up if rb.follow_up > 0 else None
+            elif follow_up_at is not None and time.monotonic() >= follow_up_at:
+                follow_up_at = None
+            if self.stop.is_set():
+                return
             ring, instances = self.placement  # one immutable snapshot for the whole pass
-            if not ring.members:
+            if self.damper.applied is None or not ring.members:
                 continue
             try:
                 report = self.rebalancer.reconcile(ring, instances)
                 log.info("reconciliation: %s", report)
             except Exception:  # noqa: BLE001 - a failed pass is retried at the next one
                 log.exception("reconciliation failed; the next pass retries")
+
+
+    def _wait_settled(self) -> None:
+        # A change arriving while we wait starts the wait again: it moved the target once more.
+        while not self.stop.is_set():
+            self._rebalance_wanted.clear()
+            remaining = self._changed_at + self.settings.rebalance.settle - time.monotonic()
+            if remaining <= 0:
+                return
+            self.stop.wait(remaining)
 
 
 class _JsonFormatter(logging.Formatter):

@@ -87,6 +87,23 @@ class RebalanceSettings:
     enabled: bool = True
     interval: float = 60.0
     max_ops_per_second: float = 50.0
+    # After a membership change, wait until every gateway can have read it (the plugin's
+    # refresh_interval, 2 s by default, plus a margin) before moving anything: until then a
+    # gateway may still push to the old owner.
+    settle: float = 3.0
+    # A second pass this long after each change's first one removes copies that pushes of
+    # slow gateways recreated on old owners; 0 turns it off.
+    follow_up: float = 5.0
+
+
+@dataclass(frozen=True)
+class DeletesSettings:
+    """Client DELETEs through pgwshard-sync, kept as tombstones (sync/deletes.py)."""
+
+    listen: str = "127.0.0.1:9552"
+    tombstone_file: str = ""
+    tombstone_ttl: float = 7 * 24 * 3600.0
+    route_prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -102,6 +119,7 @@ class Settings:
     metrics_listen: str = "127.0.0.1:9550"
     log_level: str = "info"
     source_file: str = "<config>"
+    deletes: DeletesSettings | None = None
 
 
 class _Section:
@@ -302,8 +320,20 @@ def parse_settings(data: Any, source: str, environ: Mapping[str, str] = os.envir
         file_sd = FileSdSettings(path, dict(labels))
     rb = top.section("rebalance")
     rebalance = RebalanceSettings(rb.boolean("enabled", True), rb.duration("interval", 60.0, minimum=1.0),
-                                  rb.number("max_ops_per_second", 50.0, minimum=0.1))
+                                  rb.number("max_ops_per_second", 50.0, minimum=0.1),
+                                  rb.duration("settle", 3.0), rb.duration("follow_up", 5.0))
     rb.done()
+    deletes = None
+    if top.has("deletes"):
+        d = top.section("deletes")
+        deletes = DeletesSettings(d.string("listen", "127.0.0.1:9552"), d.string("tombstone_file", ""),
+                                  d.duration("tombstone_ttl", 7 * 24 * 3600.0, minimum=60.0),
+                                  d.string("route_prefix", ""))
+        if not deletes.tombstone_file:
+            raise d.error("tombstone_file", "is required: tombstones must survive a restart")
+        if not deletes.listen.rpartition(":")[2].isdigit():
+            raise d.error("listen", f"expected host:port, got {deletes.listen!r}")
+        d.done()
     metrics = top.section("metrics")
     listen = metrics.string("listen", "127.0.0.1:9550") or ""
     problem = _listen_problem(listen)
@@ -315,7 +345,7 @@ def parse_settings(data: Any, source: str, environ: Mapping[str, str] = os.envir
     log.done()
     top.done()
     return Settings(tuple(pushgateways), source_name, probes, consul, hold_down, kong, file_sd, rebalance,
-                    listen, level, source)
+                    listen, level, source, deletes)
 
 
 def _probes(s: _Section) -> ProbeSettings:

@@ -36,7 +36,8 @@ class Sink(Protocol):
 class AdminApiSink:
     """Kong in DB mode (or a hybrid control plane): the upstream's targets, with the fewest writes
     that make them equal. Kong lists targets in its normalised spelling (kong/db/dao/targets.lua),
-    the one Member.name gives, so an equal set costs no write."""
+    the one Member.name gives (core/members.py): both sides are compared in it, so an equal set
+    costs no write, whatever spelling the config, Consul or Kong used."""
 
     def __init__(self, admin: KongAdmin, upstream: str):
         self.admin, self.upstream = admin, upstream
@@ -44,7 +45,7 @@ class AdminApiSink:
 
     def apply(self, members: Sequence[Member]) -> None:
         self.admin.ensure_upstream(self.upstream)
-        current = {t["target"]: t for t in self.admin.targets(self.upstream)}
+        current = {_member_name(t["target"]): t for t in self.admin.targets(self.upstream)}
         wanted = {m.name: m for m in members}
         # adds before deletes: a swap never leaves Kong with fewer targets than either set
         for name, member in sorted(wanted.items()):
@@ -57,6 +58,15 @@ class AdminApiSink:
         for name in sorted(current.keys() - wanted.keys()):
             self.admin.delete_target(self.upstream, current[name]["id"])  # by id: no spelling to match
             log.info("%s: removed target %s", self.name, name)
+
+
+def _member_name(target: str) -> str:
+    """A listed target's name as Member.name spells it; one pgwshard cannot parse stays as listed
+    (it is no member, so it is removed)."""
+    try:
+        return Member.parse(target).name
+    except ValueError:
+        return target
 
 
 class DeclarativeSink:

@@ -31,8 +31,6 @@ def test_the_double_spells_targets_as_kong_does():
         assert kong_target(bad) is None, bad
 
 
-@pytest.mark.skipif(Member.parse("[::1]:1").name == "[::1]:1",
-                    reason="core/ring.py does not normalise member names yet (the schema helper's change)")
 def test_members_are_named_as_kong_names_its_targets():
     for given, kong in KONG_SPELLINGS:
         assert Member.parse(given).name == kong, given

@@ -100,7 +100,7 @@ def test_the_plugin_follows_what_the_file_sd_sink_writes(tmp_path, caplog):
 def test_instances_naming_the_same_source_share_one_poller(tmp_path):
     sd = tmp_path / "members.json"
     sd.write_text(json.dumps([{"targets": [A]}]))
-    config = PluginConfig(membership="file", membership_file=str(sd), refresh_interval=0.1)
+    config = PluginConfig.from_kong({"membership": "file", "membership_file": str(sd), "refresh_interval": 0.1})
     first = membership_for(config)
     try:
         # Kong starts a new instance on every config change: it must not start a second poller
@@ -110,7 +110,8 @@ def test_instances_naming_the_same_source_share_one_poller(tmp_path):
         assert len(pollers) == 1
         other = tmp_path / "other.json"
         other.write_text("[]")
-        second = membership_for(PluginConfig(membership="file", membership_file=str(other), refresh_interval=0.1))
+        second = membership_for(PluginConfig.from_kong({"membership": "file", "membership_file": str(other),
+                                                             "refresh_interval": 0.1}))
         assert second is not first and len(second.ring()) == 0
         release(second)
         release(first)  # one of the two instances sharing the first source

@@ -100,3 +100,27 @@ def test_100k_pushes_keep_the_server_flat(plugin_server_factory, kind):
     # A leaked event or greenlet per exit would be >= 1 KiB each, a remembered path ~150 bytes:
     # 13-90 MB over the last 90k.
     assert rss_100k - rss_10k < 4 * 1024
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT"])
+def test_distinct_long_push_paths_keep_the_server_within_a_few_mb(plugin_server_factory, method):
+    """Issue 14: the owner memo was bounded in entries, not bytes; 40,000 requests on distinct
+    8 KB push paths grew the plugin server by ~160 MB. Bound stated here: under 16 MiB of growth
+    after a warm-up (the memo's own bound is 4 MiB; the rest is allocator slack)."""
+    server = plugin_server_factory()
+    rpc = KongRPC(server.socket_path)
+    iid = rpc.start_instance("pgwshard", {"nodes": ["127.0.0.1:9999"]})
+    padding = "v" * 8192
+
+    def send(first, n):
+        for i in range(first, first + n):
+            answer = run_access(rpc, iid, Request(f"/metrics/job/fleet/instance/{i:08d}{padding}", method))
+            assert answer.target == ("127.0.0.1", 9999)
+
+    send(0, 2_000)  # warm up: allocator pools, buffers for 8 KB messages
+    rss_warm = server.rss_kib()
+    send(2_000, 38_000)
+    rss_end = server.rss_kib()
+    rpc.close()
+    print(f"plugin server RSS, 8 KB {method} paths: {rss_warm} KiB after 2k, {rss_end} KiB after 40k")
+    assert rss_end - rss_warm < 16 * 1024

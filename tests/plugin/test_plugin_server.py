@@ -16,15 +16,15 @@ from kong_pdk.exception import PluginServerException
 
 from kong_plugin_pgwshard.core.grouping import parse_push_path
 from kong_plugin_pgwshard.core.ring import Member, Ring
-from kong_plugin_pgwshard.harness.kong_rpc import KongRPC, Request, RPCError, run_access
+from kong_plugin_pgwshard.harness.kong_rpc import KongRPC, Request, RPCError, kong_config, run_access
+from kong_plugin_pgwshard.plugin.handler import KONG_SCHEMA
 from kong_plugin_pgwshard.harness.processes import proc_stat, wait_until
 from tests.support import REPO
 
 NODES = ["127.0.0.1:9101", "127.0.0.1:9102", "127.0.0.1:9103"]
 RING = Ring(Member.parse(n) for n in NODES)
-# What Kong adds to every plugin config it sends (kong/runloop/plugin_servers).
-KONG_EXTRAS = {"route_id": "7f3c0d1e-0000-4000-8000-000000000001", "service_id": None, "consumer_id": None,
-               "__seq__": 3, "__plugin_id": "b1a0", "__key__": "plugins:pgwshard:...", "protocols": ["http"]}
+ROUTE_ID = "7f3c0d1e-0000-4000-8000-000000000001"
+PLUGIN_ID = "b1a0c3d2-0000-4000-8000-000000000002"
 
 
 @pytest.fixture
@@ -39,8 +39,10 @@ def rpc(server):
     client.close()
 
 
-def start(rpc, **config):
-    return rpc.start_instance("pgwshard", {**KONG_EXTRAS, "nodes": NODES, **config})
+def start(rpc, seq=3, **config):
+    """An instance started with the config as Kong sends it (defaults filled, injected keys)."""
+    conf = kong_config(KONG_SCHEMA, {"nodes": NODES, **config}, plugin_id=PLUGIN_ID, seq=seq, route_id=ROUTE_ID)
+    return rpc.start_instance("pgwshard", conf)
 
 
 def test_dump_lists_what_kong_asks_for():
@@ -65,7 +67,9 @@ def test_push_goes_to_the_owner_of_its_group(rpc):
 def test_every_spelling_of_a_group_reaches_one_owner(rpc):
     iid = start(rpc)
     spellings = ["/metrics/job/j/a/1/b/2", "/metrics/job/j/b/2/a/1", "/metrics/job@base64/ag/a@base64/MQ==/b/2",
-                 "/metrics/job/j/job/other/a/1/b/2", "/metrics/job/j/a/0/a/1/b/2?x=y", "/metrics/job/%6A/a/1/b/%32"]
+                 "/metrics/job/j/job/other/a/1/b/2", "/metrics/job/j/a/0/a/1/b/2?x=y", "/metrics/job/%6A/a/1/b/%32",
+                 # Pushgateway's router matches the decoded path: these are pushes too (issue 14)
+                 "/%6detrics/job/j/a/1/b/2", "/metrics/%6Aob/j/a/1/b/2", "/metrics/job%2Fj%2Fa/1/b/2"]
     targets = {run_access(rpc, iid, Request(p)).target for p in spellings}
     assert len(targets) == 1 and None not in targets
 
@@ -200,11 +204,15 @@ def test_a_raising_plugin_gets_kong_an_error_not_a_hang():
 
 
 def test_the_server_exits_when_kong_is_gone(tmp_path):
-    # A parent that starts the server and exits at once: init adopts the server, as when Kong dies.
+    # A parent that starts the server and exits once it listens: init adopts the server, as when
+    # Kong dies. (A server whose parent is init from the start has no Kong to follow: see
+    # test_plugin_supervision.py.)
     log = tmp_path / "server.log"
-    launcher = ("import subprocess, sys; p = subprocess.Popen([sys.executable, '-m', 'kong_plugin_pgwshard.plugin.server', "
-                f"'-p', {str(tmp_path)!r}], start_new_session=True, stdin=subprocess.DEVNULL, "
-                f"stdout=open({str(log)!r}, 'w'), stderr=subprocess.STDOUT); print(p.pid)")
+    launcher = ("import os, subprocess, sys, time; p = subprocess.Popen([sys.executable, '-m', "
+                f"'kong_plugin_pgwshard.plugin.server', '-p', {str(tmp_path)!r}], start_new_session=True, "
+                f"stdin=subprocess.DEVNULL, stdout=open({str(log)!r}, 'w'), stderr=subprocess.STDOUT)\n"
+                f"for _ in range(200):\n    if os.path.exists({str(tmp_path / 'pgwshard.sock')!r}): break\n"
+                "    time.sleep(0.1)\nprint(p.pid)")
     pid = int(subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, timeout=30,
                              check=True, cwd=REPO).stdout)
     try:
@@ -316,3 +324,100 @@ def test_a_step_answers_the_rpc_that_carried_it():
     event = greenlet(connection_a).switch()
     answer = ours.step({"EventId": event["EventId"], "Data": "/metrics/job/x"})  # on connection B
     assert answer["Data"]["Method"] == "kong.service.set_target"
+
+
+def test_the_plugin_accepts_every_key_kong_injects(rpc):
+    """kong/runloop/plugins_iterator.lua get_plugin_config adds these to every config it sends,
+    and process_auto_fields adds $refs when it resolved a vault reference."""
+    conf = kong_config(KONG_SCHEMA, {"nodes": NODES}, plugin_id=PLUGIN_ID, seq=9, route_id=ROUTE_ID,
+                       service_id="5e1f0000-0000-4000-8000-000000000003",
+                       consumer_id="c0000000-0000-4000-8000-000000000004", instance_name="pgw-shard")
+    conf["$refs"] = {"admin_token": "{vault://env/kong-admin-token}"}
+    assert {"route_id", "service_id", "consumer_id", "plugin_instance_name", "__plugin_id", "__ws_id",
+            "__key__", "__seq__"} <= set(conf)
+    iid = rpc.start_instance("pgwshard", conf)
+    assert run_access(rpc, iid, Request("/metrics/job/x")).target == _owner("/metrics/job/x")
+
+
+def test_kong_sends_defaults_filled_and_unset_fields_absent():
+    conf = kong_config(KONG_SCHEMA, {"nodes": NODES}, plugin_id=PLUGIN_ID, seq=1)
+    assert conf["membership"] == "static" and conf["route_prefix"] == "" and conf["refresh_interval"] == 2
+    # cjson.encode drops nil keys: never null for an unset field or a missing route/service
+    assert not {"upstream", "admin_token", "membership_file", "route_id", "service_id"} & set(conf)
+    assert conf["__key__"] == f"plugins:pgwshard:::::{conf['__ws_id']}"
+
+
+def test_a_restarted_server_hands_out_ids_a_stale_one_cannot_reach(tmp_path):
+    """Kong workers keep instance ids across a plugin-server restart (process.lua respawns it):
+    the new process's ids must not meet the old ones, so a stale id gets "no plugin instance"
+    (Kong then starts an instance again) instead of another config's instance."""
+    from kong_plugin_pgwshard.harness.processes import PluginServer
+
+    first = PluginServer().start()
+    try:
+        rpc = KongRPC(first.socket_path)
+        old_ids = [start(rpc, seq=s, nodes=[f"127.0.0.1:{9300 + s}"]) for s in range(3)]
+        rpc.close()
+    finally:
+        first.stop()
+    second = PluginServer(prefix=first.prefix).start()
+    try:
+        rpc = KongRPC(second.socket_path)
+        new_ids = [start(rpc, seq=s, nodes=["127.0.0.1:9401"]) for s in range(3)]
+        assert not set(old_ids) & set(new_ids)
+        assert all(0 <= i < 2**32 for i in old_ids + new_ids)  # a msgpack uint32 at most
+        for stale in old_ids:
+            with pytest.raises(RPCError, match="no plugin instance"):
+                rpc.call("plugin.HandleEvent", {"InstanceId": stale, "EventName": "access"})
+        rpc.close()
+    finally:
+        second.stop()
+
+
+def test_kong_restarts_the_instance_when_seq_changes_and_after_a_server_restart():
+    """kong/runloop/plugin_servers/plugin.lua get_instance_id and mp_rpc.lua handle_event, driven
+    by harness KongPlugin: a new __seq__ starts a new instance and closes the old; a respawned
+    server answers the cached id "no plugin instance", and Kong starts one again and retries."""
+    from kong_plugin_pgwshard.harness.kong_rpc import KongPlugin
+    from kong_plugin_pgwshard.harness.processes import PluginServer
+
+    first = PluginServer().start()
+    try:
+        plugin = KongPlugin(KongRPC(first.socket_path), KONG_SCHEMA, {"nodes": ["127.0.0.1:9501"]})
+        assert plugin.access(Request("/metrics/job/x")).target == ("127.0.0.1", 9501)
+        plugin.access(Request("/metrics/job/y"))
+        assert len(plugin.started) == 1  # one instance while __seq__ stays
+        old = plugin.instance
+        plugin.reconfigure({"nodes": ["127.0.0.1:9502"]})  # DB-less: every POST /config
+        assert plugin.access(Request("/metrics/job/x")).target == ("127.0.0.1", 9502)
+        assert len(plugin.started) == 2
+        with pytest.raises(RPCError, match="no plugin instance"):  # Kong closed the old one
+            plugin.rpc.call("plugin.HandleEvent", {"InstanceId": old, "EventName": "access"})
+    finally:
+        first.stop()
+    second = PluginServer(prefix=first.prefix).start()
+    try:
+        plugin.rpc.close()
+        plugin.rpc = KongRPC(second.socket_path)
+        req = plugin.access(Request("/metrics/job/x"))
+        assert req.target == ("127.0.0.1", 9502)
+        assert [level for level, _ in req.logs] == ["warn"] and len(plugin.started) == 3
+    finally:
+        second.stop()
+
+
+def test_a_failed_start_is_500_and_a_failed_event_leaves_the_request_to_the_route(tmp_path):
+    from kong_plugin_pgwshard.harness.kong_rpc import KongPlugin
+    from kong_plugin_pgwshard.harness.processes import PluginServer
+
+    server = PluginServer().start()
+    try:
+        bad = KongPlugin(KongRPC(server.socket_path), KONG_SCHEMA, {"membership": "upstream"})
+        req = bad.access(Request("/metrics/job/x"))
+        assert req.exit[0] == 500 and "starting instance" in req.logs[0][1]
+        good = KongPlugin(KongRPC(server.socket_path), KONG_SCHEMA, {"nodes": ["127.0.0.1:9501"]})
+        good.access(Request("/metrics/job/x"))
+    finally:
+        server.stop()
+    req = good.access(Request("/metrics/job/x"))  # refused: Kong logs it and balances as usual
+    assert req.target is None and req.exit is None and req.logs[0][0] == "err"

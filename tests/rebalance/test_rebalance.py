@@ -394,3 +394,49 @@ def test_a_moved_group_keeps_every_family_exactly(pushgateways):
 
     assert content(after) == content(before)
     assert len(content(after)) == 5
+
+
+def test_a_push_to_the_old_owner_during_the_move_is_never_deleted(pushgateways, monkeypatch):
+    """Issue 14: a push that reached the old owner between the copy and the delete was deleted
+    with the source copy, and the owner kept the older value."""
+    pgws = pushgateways(2)
+    ring = ring_of(pgws)
+    key = KEYS[0]
+    owner, other = owner_and_other(pgws, ring, key)
+    push(other, key, 1)
+    put_group = PushgatewayClient.put_group
+
+    def put_then_client_pushes_to_the_source(self, *args):
+        put_group(self, *args)
+        put_group(PushgatewayClient(other.address), key, body(2))  # a gateway still on the old ring sends the client's push there
+
+    monkeypatch.setattr(PushgatewayClient, "put_group", put_then_client_pushes_to_the_source)
+    rebalancer = Rebalancer(max_ops_per_second=500)
+    first = rebalancer.reconcile(ring, pgws_addresses(pgws))
+    assert (first.moved, first.skipped) == (1, 1)
+    assert sorted(placement(pgws)[key]) == sorted([(owner.address, 1), (other.address, 2)])
+
+    monkeypatch.setattr(PushgatewayClient, "put_group", put_group)
+    rebalancer.reconcile(ring, pgws_addresses(pgws))  # the next pass moves the newer push
+    assert placement(pgws) == {key: [(owner.address, 2)]}
+
+
+def test_a_stale_copy_pushed_again_before_its_delete_is_kept(pushgateways, monkeypatch):
+    pgws = pushgateways(2)
+    ring = ring_of(pgws)
+    key = KEYS[0]
+    owner, other = owner_and_other(pgws, ring, key)
+    push(other, key, 1)
+    push(owner, key, 2)  # the owner holds a newer copy: the plan deletes the stray
+    plan = Rebalancer._plan
+
+    def plan_then_client_pushes_to_the_stray(self, *args):
+        moves = plan(self, *args)
+        assert [m.action for m in moves] == [DELETE]
+        push(other, key, 3)
+        return moves
+
+    monkeypatch.setattr(Rebalancer, "_plan", plan_then_client_pushes_to_the_stray)
+    report = Rebalancer(max_ops_per_second=500).reconcile(ring, pgws_addresses(pgws))
+    assert (report.deleted, report.skipped) == (0, 1)
+    assert sorted(placement(pgws)[key]) == sorted([(owner.address, 2), (other.address, 3)])

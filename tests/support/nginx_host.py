@@ -36,7 +36,9 @@ class RPCRelay:
         self.target = target
         self.close_after_calls = close_after_calls
         self.split_answers = split_answers
-        self.path = os.path.join(temp_dir("pgwshard-relay-"), "relay.sock")
+        directory = temp_dir("pgwshard-relay-")
+        os.chmod(directory, 0o711)  # nginx workers (never root) pass through to the socket
+        self.path = os.path.join(directory, "relay.sock")
         self.connections = 0
         self.rpcs = 0
         self.steps = 0

@@ -401,3 +401,45 @@ def test_drift_in_kong_is_repaired_without_a_membership_change(pushgateways, kon
         wait_until(lambda: sum(1 for method, *_ in kong.requests if method == "GET") >= reads + 4, 10,
                    what="two more resyncs")
         assert len(kong.writes) == writes
+
+
+def test_a_copy_recreated_on_the_old_owner_after_a_change_is_moved_by_the_follow_up(pushgateways, restart,
+                                                                                    tmp_path):
+    """Issue 14: a push from a gateway that still routes by the old membership recreated a copy on
+    the old owner after the change's pass; it stayed until the periodic pass (60 s here)."""
+    pgws = pushgateways(2)
+    sd = tmp_path / "sd.json"
+    settings = parse_settings({
+        "pushgateways": [p.address for p in pgws],
+        "health": {"probes": {"interval": 0.2, "timeout": 0.5, "rise": 1, "fall": 1}},
+        "membership": {"hold_down": 0.5},
+        "file_sd": {"path": str(sd)},
+        "rebalance": {"enabled": True, "interval": "60s", "max_ops_per_second": 200,
+                      "settle": "1s", "follow_up": "2s"},
+    }, "test")
+    keys = [GroupingKey.from_labels({"job": "batch", "instance": f"i{n}"}) for n in range(8)]
+
+    def put(pgw, key, value):
+        req = urllib.request.Request(pgw.url + key.path(), data=f"batch_done {value}\n".encode(), method="PUT")
+        urllib.request.urlopen(req, timeout=5).close()
+
+    def held(pgw) -> dict[str, float]:
+        return {str(GroupingKey.from_labels(g["labels"])): float(g["batch_done"]["metrics"][0]["value"])
+                for g in pgw.groups()}
+
+    with running(Daemon(settings)) as daemon:
+        wait_until(lambda: file_members(sd) == {p.address for p in pgws}, 10, what="both members")
+        pgws[1].kill()
+        wait_until(lambda: file_members(sd) == {pgws[0].address}, 10, what="one member left")
+        for key in keys:
+            put(pgws[0], key, 1)
+        pgws[1] = restart(pgws[1])
+        wait_until(lambda: file_members(sd) == {p.address for p in pgws}, 10, what="it rejoins")
+        ring = Ring(Member.parse(p.address) for p in pgws)
+        theirs = [k for k in keys if ring.owner(k).name == pgws[1].address]
+        assert theirs
+        moved = "pgwshard_rebalance_groups_moved_total"
+        wait_until(lambda: daemon.registry.get_sample_value(moved) == len(theirs), 15, what="the change's pass")
+        put(pgws[0], theirs[0], 2)  # a gateway still on the old membership
+        wait_until(lambda: held(pgws[1]).get(str(theirs[0])) == 2 and str(theirs[0]) not in held(pgws[0]),
+                   15, what="the late push moved to the owner by the follow-up pass")

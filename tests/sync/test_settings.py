@@ -41,6 +41,8 @@ def test_defaults(tmp_path):
     ("health: {source: probes}", "pushgateways", "is required"),
     ("health: {source: consul}", "health.source", "no consul section"),
     ("pushgateways: ['a:1']\nrebalance: {max_ops_per_second: 0}", "rebalance.max_ops_per_second", "at least"),
+    ("pushgateways: ['a:1']\nrebalance: {settle: soon}", "rebalance.settle", "expected a duration"),
+    ("pushgateways: ['a:1']\nrebalance: {follow_up: -1}", "rebalance.follow_up", "at least"),
     ("pushgateways: ['a:1']\nconsul: {register: {deregister_after: 10s}}", "consul.register.deregister_after", "at least 60"),
     ("pushgateways: ['a:1']\nextra: 1", "extra", "unknown key"),
     ("- a\n- b", "<top>", "expected a mapping"),

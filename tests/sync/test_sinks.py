@@ -85,8 +85,6 @@ def test_the_admin_sink_pointed_at_a_status_api_says_so(kong_admin):
 V6 = [Member.parse("[::1]:9091"), Member.parse("[2001:DB8::7]:9091")]
 
 
-@pytest.mark.skipif(Member.parse("[::1]:1").name == "[::1]:1",
-                    reason="core/ring.py does not normalise member names yet (the schema helper's change)")
 def test_ipv6_members_that_kong_respells_cost_no_write_once_there(kong_admin):
     kong = kong_admin()
     sink = AdminApiSink(KongAdmin(kong.url), "pushgateways")

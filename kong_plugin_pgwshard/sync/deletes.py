@@ -1,0 +1,188 @@
+"""Deletes that stick: pgwshard-sync takes every client DELETE and remembers it.
+
+Why here and not on the request path: a DELETE that reaches only the group's current owner is
+undone when another instance comes back holding an older copy (an owner that was down, with its
+persistence file): nothing in Pushgateway records that a group was deleted. So the gateway sends
+DELETE on push paths to this API (kong.yml routes them by method), which
+
+1. records a tombstone (the group, the time of the delete) in `deletes.tombstone_file`, written
+   and fsynced before anything is acknowledged, so it survives a restart of pgwshard-sync;
+2. deletes the group on every known pushgateway that answers (the owner and any stale copy);
+3. answers 202, as Pushgateway does.
+
+A tombstone covers copies whose client push is not newer than the delete: a push after the
+delete brings the group back, as it would on a single Pushgateway. The daemon applies tombstones
+to a pushgateway before it (re)joins the ring, and the rebalancer deletes covered copies instead
+of moving them. Tombstones expire after `deletes.tombstone_ttl` (an instance away for longer
+than that may bring its old copy back). Times are this host's clock against the pushgateways'
+push_time_seconds: keep clocks in sync (NTP), a skew of s seconds blurs the order of a push and
+a delete less than s apart.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from ..clients.pushgateway import PushgatewayClient
+from ..core.grouping import GroupingKey, parse_push_path
+from ..errors import GroupingKeyError, UpstreamError
+from ..rebalance.rebalancer import client_push_time
+
+log = logging.getLogger(__name__)
+
+
+class Tombstones:
+    """Deleted groups with the time of their delete, kept in a JSON file (None: memory only)."""
+
+    def __init__(self, path: str | None, ttl: float, clock: Callable[[], float] = time.time):
+        self.path, self.ttl, self._clock = path, ttl, clock
+        self._lock = threading.Lock()
+        self._deleted: dict[GroupingKey, float] = {}
+        if path and os.path.exists(path):
+            self._deleted = _read(path)
+        self._expire()
+
+    def record(self, key: GroupingKey) -> float:
+        """Remember that key was deleted now; returns that time. Raises OSError if the file
+        cannot be written (then nothing may be acknowledged)."""
+        with self._lock:
+            at = self._clock()
+            self._deleted[key] = max(at, self._deleted.get(key, 0.0))
+            self._expire()
+            self._write()
+            return at
+
+    def deleted_at(self, key: GroupingKey) -> float | None:
+        with self._lock:
+            at = self._deleted.get(key)
+            return at if at is not None and at > self._clock() - self.ttl else None
+
+    def covers(self, key: GroupingKey, pushed_at: float) -> bool:
+        """True when a copy pushed at pushed_at was deleted afterwards."""
+        at = self.deleted_at(key)
+        return at is not None and pushed_at <= at
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._deleted)
+
+    def _expire(self) -> None:
+        horizon = self._clock() - self.ttl
+        self._deleted = {k: at for k, at in self._deleted.items() if at > horizon}
+
+    def _write(self) -> None:
+        if not self.path:
+            return
+        data = [{"labels": dict(k.labels), "deleted_at": at} for k, at in sorted(self._deleted.items(), key=str)]
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"tombstones": data}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)  # atomic: a crash leaves the old file or the new one
+        fd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _read(path: str) -> dict[GroupingKey, float]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            entries = json.load(f)["tombstones"]
+        return {GroupingKey.from_labels(e["labels"]): float(e["deleted_at"]) for e in entries}
+    except (OSError, ValueError, KeyError, TypeError, GroupingKeyError) as err:
+        # Starting without them would undo acknowledged deletes: refuse to start instead.
+        raise OSError(f"cannot read the tombstone file {path}: {err}") from None
+
+
+def apply_tombstones(client: PushgatewayClient, tombstones: Tombstones) -> int:
+    """Delete from one pushgateway every group a tombstone covers; returns how many.
+    Raises UpstreamError when the instance cannot be listed or a delete fails."""
+    deleted = 0
+    for group in client.groups():
+        if tombstones.covers(group.key, client_push_time(group)):
+            client.delete_group(group.key)
+            deleted += 1
+    return deleted
+
+
+class DeleteAPI:
+    """The HTTP endpoint the gateway sends DELETE on push paths to (`deletes.listen`)."""
+
+    def __init__(self, listen: str, tombstones: Tombstones, instances: Callable[[], Iterable[str]],
+                 route_prefix: str = "", timeout: float = 2.0):
+        host, _, port = listen.rpartition(":")
+        self.tombstones, self.instances = tombstones, instances
+        self.route_prefix, self.timeout = route_prefix, timeout
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_DELETE(self) -> None:  # noqa: N802 - http.server's naming
+                status, text = api.delete(self.path)
+                self._answer(status, text)
+
+            def do_GET(self) -> None:  # noqa: N802
+                if self.path in ("/-/healthy", "/-/ready"):
+                    self._answer(200, "OK")
+                else:
+                    self._answer(405, "only DELETE on push paths is served here")
+
+            do_PUT = do_POST = do_GET  # noqa: N815
+
+            def _answer(self, status: int, text: str) -> None:
+                body = (text + "\n").encode("utf-8")
+                self.send_response(status)
+                self.send_header("Content-Type", "text/plain; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass  # one line per delete is logged by api.delete
+
+        self.server = ThreadingHTTPServer((host.strip("[]") or "0.0.0.0", int(port)), Handler)
+        self.server.daemon_threads = True
+        self._thread = threading.Thread(target=self.server.serve_forever, name="pgwshard-deletes", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    def start(self) -> DeleteAPI:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def delete(self, path: str) -> tuple[int, str]:
+        """Record the tombstone, delete everywhere; (status, body) as Pushgateway would answer."""
+        try:
+            key = parse_push_path(path, self.route_prefix)
+        except GroupingKeyError as err:
+            return 400, str(err)
+        if key is None:
+            return 404, "not a push path"
+        try:
+            self.tombstones.record(key)
+        except OSError as err:
+            log.error("delete of %s refused: the tombstone could not be stored: %s", key, err)
+            return 503, "the delete could not be recorded; nothing was deleted"
+        failed = []
+        for name in sorted(set(self.instances())):
+            try:
+                PushgatewayClient(name, timeout=self.timeout).delete_group(key)
+            except UpstreamError as err:
+                failed.append(name)  # the tombstone deletes it before that instance rejoins
+                log.debug("%s", err)
+        log.info("deleted %s%s", key, f" (later on {','.join(failed)})" if failed else "")
+        return 202, ""

@@ -1,0 +1,133 @@
+"""Deletes through pgwshard-sync stick: real pushgateways with persistence, the real daemon."""
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+
+import pytest
+
+from kong_plugin_pgwshard.core.grouping import GroupingKey
+from kong_plugin_pgwshard.core.ring import Member, Ring
+from kong_plugin_pgwshard.harness.processes import Pushgateway, free_port, wait_until
+from kong_plugin_pgwshard.sync.daemon import Daemon
+from kong_plugin_pgwshard.sync.deletes import Tombstones
+from kong_plugin_pgwshard.sync.settings import parse_settings
+from kong_plugin_pgwshard.errors import ConfigError
+
+
+@contextmanager
+def running(daemon: Daemon):
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop.set()
+        thread.join(15)
+        assert not thread.is_alive()
+
+
+def members(path) -> set[str] | None:
+    try:
+        return set(json.loads(path.read_text())[0]["targets"])
+    except (OSError, ValueError):
+        return None
+
+
+def request(url: str, method: str, body: bytes | None = None) -> int:
+    req = urllib.request.Request(url, data=body, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def held(pgw) -> dict[str, float]:
+    return {str(GroupingKey.from_labels(g["labels"])): float(g["batch_done"]["metrics"][0]["value"])
+            for g in pgw.groups()}
+
+
+def test_a_delete_during_the_owners_outage_stays_deleted_when_it_returns(pushgateways, tmp_path):
+    """Issue 14: with the owner down, a DELETE went to the stand-in owner (202); the owner came
+    back with its persistence file and every deleted group came back. Here the delete goes to
+    pgwshard-sync, which is restarted while the owner is away: its tombstones survive that and
+    are applied before the owner rejoins the ring."""
+    pgws = pushgateways(3)
+    sd, tombs, port = tmp_path / "sd.json", tmp_path / "tombstones.json", free_port()
+    settings = parse_settings({
+        "pushgateways": [p.address for p in pgws],
+        "health": {"probes": {"interval": 0.2, "timeout": 0.5, "rise": 1, "fall": 1}},
+        "membership": {"hold_down": 0.5},
+        "file_sd": {"path": str(sd)},
+        "rebalance": {"enabled": True, "interval": "60s", "settle": "0.5s", "follow_up": "1s"},
+        "deletes": {"listen": f"127.0.0.1:{port}", "tombstone_file": str(tombs)},
+    }, "test")
+    ring = Ring(Member.parse(p.address) for p in pgws)
+    keys = [GroupingKey.from_labels({"job": "batch", "instance": f"i{n}"}) for n in range(30)]
+    owner = pgws[0]
+    mine = [k for k in keys if ring.owner(k).name == owner.address]
+    assert len(mine) >= 3
+    deleted, pushed_again, kept = mine[0], mine[1], mine[2:]
+    for key in mine:
+        assert request(owner.url + key.path(), "PUT", b"batch_done 1\n") == 200
+    api = f"http://127.0.0.1:{port}"
+
+    with running(Daemon(settings)):
+        wait_until(lambda: members(sd) == {p.address for p in pgws}, 10, what="three members")
+        owner.stop()  # SIGTERM: it writes its persistence file
+        wait_until(lambda: members(sd) == {p.address for p in pgws[1:]}, 10, what="the owner gone")
+        assert request(api + deleted.path(), "DELETE") == 202
+        assert request(api + pushed_again.path(), "DELETE") == 202
+    standin = Ring(Member.parse(p.address) for p in pgws[1:]).owner(pushed_again).name
+    assert request(f"http://{standin}{pushed_again.path()}", "PUT", b"batch_done 2\n") == 200
+
+    with running(Daemon(settings)):  # a new pgwshard-sync, from the same tombstone file
+        returned = Pushgateway(port=owner.port, data_dir=owner.data_dir).start()
+        try:
+            wait_until(lambda: members(sd) == {p.address for p in pgws}, 15, what="the owner rejoins")
+            everywhere = [held(p) for p in [returned, *pgws[1:]]]
+            assert all(str(deleted) not in h for h in everywhere)
+            # a push after the delete wins over the tombstone: it moves to its owner, one copy
+            def converged() -> bool:
+                copies = [held(p) for p in [returned, *pgws[1:]]]
+                return (held(returned).get(str(pushed_again)) == 2
+                        and sum(str(pushed_again) in h for h in copies) == 1
+                        and all(str(deleted) not in h for h in copies))
+            wait_until(converged, 15, what="the newer push moved home, the deleted group gone")
+            assert {k: v for k, v in held(returned).items() if k != str(pushed_again)} == {str(k): 1 for k in kept}
+        finally:
+            returned.stop()
+
+
+def test_tombstones_survive_a_restart_and_expire(tmp_path):
+    now = [1000.0]
+    path = str(tmp_path / "t.json")
+    key = GroupingKey.from_labels({"job": "a"})
+    Tombstones(path, ttl=60, clock=lambda: now[0]).record(key)
+    again = Tombstones(path, ttl=60, clock=lambda: now[0])
+    assert again.covers(key, 999.0) and not again.covers(key, 1001.0)
+    now[0] += 61
+    assert again.deleted_at(key) is None
+
+
+def test_a_delete_that_cannot_be_recorded_is_not_acknowledged(tmp_path):
+    from kong_plugin_pgwshard.sync.deletes import DeleteAPI
+    api = DeleteAPI("127.0.0.1:0", Tombstones(str(tmp_path / "missing-dir" / "t.json"), ttl=60), lambda: [])
+    assert api.delete("/metrics/job/a")[0] == 503
+    assert api.delete("/metrics/job/a/b")[0] == 400
+    assert api.delete("/api/v1/metrics")[0] == 404
+    api.server.server_close()
+
+
+@pytest.mark.parametrize("deletes, key", [
+    ({"listen": "127.0.0.1:9552"}, "deletes.tombstone_file"),
+    ({"tombstone_file": "/x", "tombstone_ttl": "1s"}, "deletes.tombstone_ttl"),
+    ({"tombstone_file": "/x", "listen": "nowhere"}, "deletes.listen"),
+])
+def test_delete_settings_name_the_key(deletes, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        parse_settings({"pushgateways": ["a:1"], "deletes": deletes}, "test")
