@@ -240,11 +240,12 @@ def _url_problem(value: Any) -> str | None:
 
 
 def _listen_problem(value: str) -> str | None:
-    """host:port as the metrics server binds it (an empty host: every address)."""
+    """host:port as the metrics server binds it (an empty host: every address; port 0: one the
+    system picks, as tests do)."""
     match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^:\s\[\]/]*):(\d{1,5})", value)
     if not match:
         return "expected host:port (e.g. 127.0.0.1:9550, or :9550 for every address)"
-    if not 0 < int(match[2]) < 65536:
+    if not 0 <= int(match[2]) < 65536:
         return "port out of range"
     return None
 

@@ -28,6 +28,12 @@ def test_defaults(tmp_path):
     assert s.source == "probes" and s.probes.rise == 2 and s.hold_down == 5.0 and s.kong is None
 
 
+def test_metrics_on_a_port_the_system_picks(tmp_path):
+    # port 0 binds a free port: what the stack tests run the daemon with
+    s = load_settings(write(tmp_path, "pushgateways: ['a:1']\nmetrics: {listen: '127.0.0.1:0'}\n"))
+    assert s.metrics_listen == "127.0.0.1:0"
+
+
 @pytest.mark.parametrize("text, key, message", [
     ("pushgateways: ['nope']", "pushgateways[0]", "expected host:port"),
     ("pushgateways: ['a:1']\nhealth: {probes: {interval: soon}}", "health.probes.interval", "expected a duration"),
