@@ -156,7 +156,8 @@ def survey(ring: Ring, instances: Sequence[Member], ring_source: str, timeout: f
         if len(holders[key]) > 1:
             status.duplicated.append({"group": str(key), "on": holders[key], "owner": owner})
     if status.misplaced:
-        status.attention.append(f"{_count(status.misplaced, 'group')} not on {'its' if len(status.misplaced) == 1 else 'their'} owner")
+        whose = "its" if len(status.misplaced) == 1 else "their"
+        status.attention.append(f"{_count(status.misplaced, 'group')} not on {whose} owner")
     if status.duplicated:
         status.attention.append(f"{_count(status.duplicated, 'duplicated group')}")
     return status
@@ -237,7 +238,7 @@ def render_status(report: Status, now: float, limit: int = 20) -> str:
                      _or_dash(m.groups), _or_dash(m.not_owned), _when(m.newest_push, now), _when(m.oldest_push, now)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [f"ring from {report.ring_source}"]
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     for title, entries in (("groups not on their owner", report.misplaced), ("duplicated groups", report.duplicated)):
         if entries:
             lines += ["", f"{title} ({len(entries)}):"]

@@ -4,12 +4,14 @@ work against Kong's Status API, which serves the upstreams' GET routes on nodes 
 
 It reads what Kong 3.9.3 answers: `next` links without `size` (kong/api/endpoints.lua), DB-less
 writes refused with 405 (kong/db/strategies/off/init.lua), POST /config busy with 429 and
-Retry-After (kong/api/routes/config.lua). Calls go through clients/http.py, which maps every failure into errors.py's tree. The
-token travels in the `Kong-Admin-Token` header and never appears in an error, a log line or a
-repr; OSS Kong never checks it (Kong Enterprise's RBAC or a proxy in front of the Admin API does).
+Retry-After (kong/api/routes/config.lua). Calls go through clients/http.py, which maps every
+failure into errors.py's tree. The token travels in the `Kong-Admin-Token` header and never
+appears in an error, a log line or a repr; OSS Kong never checks it (Kong Enterprise's RBAC or
+a proxy in front of the Admin API does).
 """
 from __future__ import annotations
 
+import builtins
 import json
 import urllib.parse
 from typing import Any
@@ -63,11 +65,11 @@ class KongAdmin:
                                status=status, target=self.url, body=raw[:1000])
         return status, answer.json()
 
-    def list(self, path: str, size: int = PAGE_SIZE) -> list[dict]:
+    def list(self, path: str, size: int = PAGE_SIZE) -> builtins.list[dict]:
         """Every entity of a paginated collection, following `next`. Kong's `next` for nested
         collections carries only the offset (kong/api/endpoints.lua), which would fall back to
         pages of 100: the size is added back to each link that lacks it."""
-        entities: list[dict] = []
+        entities: builtins.list[dict] = []
         url = path
         for _ in range(_PAGE_LIMIT):
             split = urllib.parse.urlsplit(url)
@@ -90,13 +92,14 @@ class KongAdmin:
         if status == 404:
             self.request("POST", "/upstreams", {"name": name}, ok=(201, 409))  # 409: created meanwhile
 
-    def targets(self, upstream: str) -> list[dict]:
+    def targets(self, upstream: str) -> builtins.list[dict]:
         """Every target entity of the upstream, newest first, as Kong lists them: `target` in Kong's
         normalised spelling (kong/db/dao/targets.lua), `weight` 0..65535 (0 included). Pages are
         offsets into a list that may change between two reads: a target seen twice counts once."""
-        seen: set = set()
-        return [t for t in self.list(f"/upstreams/{_q(upstream)}/targets")
-                if not (t.get("target") in seen or seen.add(t.get("target")))]
+        unique: dict = {}
+        for entity in self.list(f"/upstreams/{_q(upstream)}/targets"):
+            unique.setdefault(entity.get("target"), entity)  # the first (newest) of each
+        return builtins.list(unique.values())
 
     def add_target(self, upstream: str, target: str, weight: int) -> None:
         """Add one "host:port" target with its weight."""

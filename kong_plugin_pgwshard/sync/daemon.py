@@ -9,9 +9,11 @@ Safety rules: a source error keeps the last known good set (Consul down is not "
 healthy"); nothing is written before the first good snapshot; every sink runs on its own worker
 thread (a hung Kong never delays the file_sd write), and one that fails is logged, counted and
 retried with backoff, with the newest set; an unexpected exception in any loop is logged with
-its traceback and the loop goes on (only a bad config at start stops the process); a member that fails leaves at once, and one that returns rejoins only after
-staying healthy for `membership.hold_down` (damping flaps); a truly empty set is written once it
-has lasted `hold_down` (the plugin then answers 503). `--once` syncs once and exits.
+its traceback and the loop goes on (only a bad config at start stops the process); a member
+that fails leaves at once, and one that returns rejoins only after staying healthy for
+`membership.hold_down` (damping flaps); a truly empty set is written once it has lasted
+`hold_down` (the plugin then answers 503). Weights are the configured ones (weight 0 drains a
+pushgateway), whatever the source reports. `--once` syncs once and exits.
 """
 from __future__ import annotations
 
@@ -203,6 +205,7 @@ class Daemon:
 
     def _source(self) -> HealthSource:
         if self.settings.source == "consul":
+            assert self.settings.consul is not None  # settings refuse source consul without it
             return ConsulHealth(self.settings.consul)
         return ProbeHealth(self.settings.pushgateways, self.settings.probes)
 
@@ -218,10 +221,11 @@ class Daemon:
         """Run until stop is set (signals set it)."""
         self._register()
         delete_api = None
-        if self.tombstones is not None:
+        deletes = self.settings.deletes
+        if self.tombstones is not None and deletes is not None:
             from .deletes import DeleteAPI
-            delete_api = DeleteAPI(self.settings.deletes.listen, self.tombstones,
-                                   lambda: [m.name for m in self.known], self.settings.deletes.route_prefix).start()
+            delete_api = DeleteAPI(deletes.listen, self.tombstones,
+                                   lambda: [m.name for m in self.known], deletes.route_prefix).start()
         threads = [threading.Thread(target=self._watch, name="pgwshard-watch", daemon=True)]
         if self.rebalancer is not None:
             threads.append(threading.Thread(target=self._rebalance_loop, name="pgwshard-rebalance", daemon=True))
@@ -481,8 +485,8 @@ def main(argv: Iterable[str] | None = None) -> None:
     if args.check:
         print(f"{args.config}: ok")
         return
-    configure_logging(settings.log_level, [settings.consul and settings.consul.token,
-                                           settings.kong and settings.kong.admin_token])
+    configure_logging(settings.log_level, [settings.consul.token if settings.consul else None,
+                                           settings.kong.admin_token if settings.kong else None])
     daemon = Daemon(settings)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.stop.set())

@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 from urllib.parse import urlsplit
 
 import yaml
@@ -147,6 +147,11 @@ class _Section:
     def has(self, key: str) -> bool:
         return self.data.get(key) is not None
 
+    @overload
+    def string(self, key: str, default: str, choices: tuple[str, ...] = ()) -> str: ...
+    @overload
+    def string(self, key: str, default: None = None, choices: tuple[str, ...] = ()) -> str | None: ...
+
     def string(self, key: str, default: str | None = None, choices: tuple[str, ...] = ()) -> str | None:
         value = self._get(key, default)
         if value is not None and not isinstance(value, str):
@@ -177,6 +182,11 @@ class _Section:
         if seconds < minimum:
             raise self.error(key, f"must be at least {minimum}s, got {value!r}")
         return seconds
+
+    @overload
+    def url(self, key: str, default: str, value: Any = None) -> str: ...
+    @overload
+    def url(self, key: str, default: None = None, value: Any = None) -> str | None: ...
 
     def url(self, key: str, default: str | None = None, value: Any = None) -> str | None:
         """An http(s) URL with a host (and a port in range, if given); `value` checks a list item."""
@@ -367,9 +377,12 @@ def _consul(s: _Section, environ: Mapping[str, str]) -> ConsulSettings:
         raise tls.error("cert_file" if tls_settings.key_file else "key_file", "cert_file and key_file go together")
     tls.done()
     backoff = s.list("backoff") or [0.5, 1, 2, 5, 10]
+    steps: list[float] = []
     for i, step in enumerate(backoff):
-        if _parse_duration(step) is None:
+        seconds = _parse_duration(step)
+        if seconds is None:
             raise s.error(f"backoff[{i}]", f"expected a duration, got {step!r}")
+        steps.append(seconds)
     reg = s.section("register")
     register = RegisterSettings(reg.boolean("enabled", False), reg.duration("check_interval", 1.0, minimum=1.0),
                                 reg.duration("check_timeout", 1.0, minimum=0.1),
@@ -379,7 +392,7 @@ def _consul(s: _Section, environ: Mapping[str, str]) -> ConsulSettings:
         address=address.rstrip("/"), service=s.string("service", "pushgateway"), tag=s.string("tag"),
         datacenter=s.string("datacenter"), token=s.string("token") or environ.get("CONSUL_HTTP_TOKEN") or None,
         tls=tls_settings, wait=s.duration("wait", 30.0, minimum=1.0),
-        backoff=tuple(_parse_duration(b) for b in backoff), register=register)
+        backoff=tuple(steps), register=register)
     s.done()
     return settings
 

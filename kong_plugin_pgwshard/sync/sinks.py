@@ -153,6 +153,7 @@ def sinks_from_settings(settings: Settings) -> list[Sink]:
     if kong and kong.mode == "admin":
         sinks.append(AdminApiSink(KongAdmin(kong.admin_url, kong.admin_token, proxy=kong.proxy), kong.upstream))
     elif kong:
+        assert kong.declarative_file is not None  # required in this mode (settings.py)
         nodes = [KongAdmin(url, kong.admin_token, proxy=kong.proxy) for url in (kong.nodes or (kong.admin_url,))]
         sinks.append(DeclarativeSink(nodes, kong.declarative_file, kong.upstream))
     if settings.file_sd:

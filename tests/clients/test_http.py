@@ -15,13 +15,13 @@ from kong_plugin_pgwshard.clients.kong import KongAdmin
 from kong_plugin_pgwshard.clients.pushgateway import PushgatewayClient
 from kong_plugin_pgwshard.core.ring import Member
 from kong_plugin_pgwshard.errors import (
-    status_error,
     ClientStatusError,
     ProtocolError,
     ServerStatusError,
     TransportError,
     UpstreamError,
     UpstreamTimeout,
+    status_error,
 )
 from kong_plugin_pgwshard.harness.processes import free_port
 from kong_plugin_pgwshard.plugin.membership import read_upstream_targets
@@ -52,18 +52,16 @@ CALLS = {
 
 @pytest.mark.parametrize("client", CALLS)
 def test_an_answer_that_is_not_http_is_a_protocol_error(client):
-    with RawServer("garbage") as server:
-        with pytest.raises(ProtocolError) as err:
-            CALLS[client](server.address)
+    with RawServer("garbage") as server, pytest.raises(ProtocolError) as err:
+        CALLS[client](server.address)
     assert err.value.__cause__ is not None  # the library's own error stays chained
     assert TOKEN not in str(err.value)
 
 
 @pytest.mark.parametrize("client", CALLS)
 def test_an_answer_that_never_comes_is_a_timeout(client):
-    with RawServer("hang") as server:
-        with pytest.raises(UpstreamTimeout):
-            CALLS[client](server.address)
+    with RawServer("hang") as server, pytest.raises(UpstreamTimeout):
+        CALLS[client](server.address)
 
 
 @pytest.mark.parametrize("client", CALLS)

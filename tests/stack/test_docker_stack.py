@@ -140,7 +140,7 @@ def test_compose_file_names_the_whole_stack():
 
 
 def test_published_ports_listen_on_loopback_only():
-    for name, service in _compose()["services"].items():
+    for name in _compose()["services"]:
         for container_port, (host_ip, _) in _published(name).items():
             assert host_ip == "127.0.0.1", f"{name}:{container_port} is published on {host_ip}"
     assert set(_published("kong")) == {8000, 8001}

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import sys
-from contextlib import contextmanager
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 
 import pytest
 import yaml

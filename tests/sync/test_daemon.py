@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from contextlib import contextmanager
 
@@ -99,7 +98,7 @@ def test_flapping_member_stays_out_until_stable(pushgateways, restart, tmp_path)
             flapper.kill()
             wait_until(lambda: daemon.source._healthy.get(member) is False, 5,
                        what="the probes see it down")
-            wait_until(lambda: flapper.address not in file_members(sd), 5, what="it leaves at once")
+            wait_until(lambda: member.name not in file_members(sd), 5, what="it leaves at once")
             flapper = restart(flapper)
             wait_until(lambda: daemon.source._healthy.get(member) is True, 5, what="the probes see it up")
             assert flapper.address not in file_members(sd)  # healthy again, but held down

@@ -9,7 +9,6 @@ import pytest
 import yaml
 
 from kong_plugin_pgwshard.clients.kong import KongAdmin
-from tests.support.kong_admin_double import kong_target
 from kong_plugin_pgwshard.core.ring import Member
 from kong_plugin_pgwshard.errors import UpstreamError
 from kong_plugin_pgwshard.sync.settings import FileSdSettings, KongSettings, Settings
@@ -19,6 +18,7 @@ from kong_plugin_pgwshard.sync.sinks import (
     FileSdSink,
     sinks_from_settings,
 )
+from tests.support.kong_admin_double import kong_target
 
 A, B, C = (Member.parse(f"10.0.0.{i}:9091") for i in (1, 2, 3))
 

@@ -67,6 +67,6 @@ class ProbeHealth:
         with concurrent.futures.ThreadPoolExecutor(max(1, min(16, len(self.pushgateways)))) as pool:
             while not stop.is_set():
                 started = time.monotonic()
-                results = dict(zip(self.pushgateways, pool.map(self.probe, self.pushgateways)))
+                results = dict(zip(self.pushgateways, pool.map(self.probe, self.pushgateways), strict=True))
                 yield HealthSnapshot(self.observe(results), query_seconds=time.monotonic() - started)
                 stop.wait(max(0.0, self.settings.interval - (time.monotonic() - started)))
