@@ -87,10 +87,11 @@ class KongAdmin:
         raise ProtocolError(f"Kong Admin API {self.url}: more than {_PAGE_LIMIT} pages at {path}", target=self.url)
 
     def ensure_upstream(self, name: str) -> None:
-        """Create the upstream unless it exists (GET answers 404 for a missing one)."""
+        """Create the upstream unless it exists (GET answers 404 for a missing one), as
+        kong/kong.yml ships it; one that exists is left as its owner set it."""
         status, _ = self.request("GET", f"/upstreams/{_q(name)}", ok=(200, 404))
         if status == 404:
-            self.request("POST", "/upstreams", {"name": name}, ok=(201, 409))  # 409: created meanwhile
+            self.request("POST", "/upstreams", new_upstream(name), ok=(201, 409))  # 409: created meanwhile
 
     def targets(self, upstream: str) -> builtins.list[dict]:
         """Every target entity of the upstream, newest first, as Kong lists them: `target` in Kong's
@@ -123,6 +124,14 @@ class KongAdmin:
         whole flattened entity set, which is not needed here. KongBusy (429) carries Retry-After."""
         status, _ = self.request("POST", "/config?check_hash=1", {"config": json.dumps(declarative)}, ok=(201, 304))
         return status != 304
+
+
+def new_upstream(name: str) -> dict:
+    """An upstream pgwshard-sync creates. `hash_on: path` (Kong then uses consistent-hashing):
+    a push Kong lets through without the plugin (the plugin server down, README "When the plugin
+    server fails") lands on one target per path (kong/runloop/balancer hashes the path), where
+    the rebalancer finds and moves it, not on every target in turn."""
+    return {"name": name, "hash_on": "path"}
 
 
 def _q(part: str) -> str:

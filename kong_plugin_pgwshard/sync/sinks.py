@@ -16,7 +16,7 @@ from typing import Protocol
 
 import yaml
 
-from ..clients.kong import KongAdmin, KongBusy, upstreams_of
+from ..clients.kong import KongAdmin, KongBusy, new_upstream, upstreams_of
 from ..core.file_sd import render_file_sd
 from ..core.ring import Member
 from ..errors import UpstreamError
@@ -90,8 +90,8 @@ class DeclarativeSink:
             # the file is ours to read, not Kong's answer; the daemon logs, counts and retries it
             raise UpstreamError(f"cannot use {self.declarative_file}: {err}", target=self.declarative_file) from None
         upstream = next((u for u in upstreams if u.get("name") == self.upstream), None)
-        if upstream is None:
-            upstream = {"name": self.upstream}
+        if upstream is None:  # created as ensure_upstream does; one in the file is the user's
+            upstream = new_upstream(self.upstream)
             upstreams.append(upstream)
         upstream["targets"] = [{"target": m.name, "weight": m.weight} for m in sorted(members)]
         return doc
