@@ -80,12 +80,14 @@ def _held(pgw: Pushgateway) -> dict[GroupingKey, float]:
 
 
 class _Stack:
-    def __init__(self) -> None:
+    def __init__(self, delete_api: bool = True) -> None:
         self.work = Path(temp_dir("pgwshard-drill-"))
         self.pgws = [Pushgateway() for _ in range(3)]
         self.members_file = self.work / "members.json"
-        self.delete_port = free_port()
+        self.delete_port = free_port() if delete_api else None
         config = self.work / "pgwshard.yml"
+        deletes = {"deletes": {"listen": f"127.0.0.1:{self.delete_port}",
+                               "tombstone_file": str(self.work / "tombstones.json")}} if delete_api else {}
         config.write_text(json.dumps({
             "pushgateways": [p.address for p in self.pgws],
             "health": {"source": "probes", "probes": {"interval": "1s", "timeout": "0.5s", "rise": 2, "fall": 2}},
@@ -93,8 +95,7 @@ class _Stack:
             "file_sd": {"path": str(self.members_file)},
             "rebalance": {"enabled": True, "interval": "10s", "settle": "2s", "follow_up": "3s",
                           "max_ops_per_second": 200},
-            "deletes": {"listen": f"127.0.0.1:{self.delete_port}",
-                        "tombstone_file": str(self.work / "tombstones.json")},
+            **deletes,
             "metrics": {"listen": f"127.0.0.1:{free_port()}"},
         }))
         self.sync = ManagedProcess("pgwshard-sync", [sys.executable, "-m", "kong_plugin_pgwshard.sync.daemon",
@@ -111,7 +112,7 @@ class _Stack:
         self.parts.append(self.server.start())
         self.host = NginxHost(self.server.socket_path, {"membership": "file", "membership_file": str(self.members_file),
                                                         "refresh_interval": 1}, [p.address for p in self.pgws],
-                              deletes=f"127.0.0.1:{self.delete_port}")
+                              deletes=f"127.0.0.1:{self.delete_port}" if self.delete_port else None)
         self.parts.append(self.host.start())
         return self
 
@@ -129,11 +130,15 @@ class _Stack:
             return None
 
 
-def run_drill(groups: int = 30, seed: int | None = None, converge_timeout: float = 60.0) -> DrillResult:
-    """One round of the drill; returns its counts (never raises for a data-safety failure)."""
+def run_drill(groups: int = 30, seed: int | None = None, converge_timeout: float = 60.0,
+              delete_api: bool = True) -> DrillResult:
+    """One round of the drill; returns its counts (never raises for a data-safety failure).
+
+    delete_api=False: DELETE goes straight to the owner (or its stand-in), as without
+    pgwshard-sync's delete API, to show what that API prevents."""
     rng = random.Random(seed)
     keys = [GroupingKey.from_labels({"job": "drill", "instance": f"i{n:03d}"}) for n in range(groups)]
-    stack = _Stack().start()
+    stack = _Stack(delete_api).start()
     result = DrillResult(groups=groups)
     newest: dict[GroupingKey, int] = {}   # newest acknowledged value
     deleted: set[GroupingKey] = set()     # acknowledged deletes

@@ -26,8 +26,9 @@ from typing import Any
 import msgpack
 
 TERMINAL = {"kong.response.exit", "kong.response.error"}
-# kong/constants.lua DEFAULT workspace: every entity of an OSS Kong belongs to it
-DEFAULT_WS_ID = "00000000-0000-4000-8000-000000000001"
+# kong/constants.lua DECLARATIVE_DEFAULT_WORKSPACE_ID: the default workspace of a DB-less Kong
+# (in DB mode a random id chosen at migration); every entity of an OSS Kong belongs to it
+DEFAULT_WS_ID = "0dc6f45b-8f8d-40d2-a504-473544ee190b"
 # Kong retries "no plugin instance" without limit (mp_rpc.lua Rpc:handle_event recurses); a
 # driver stays bounded, far above the one retry a restarted plugin server needs.
 NO_INSTANCE_RETRIES = 20

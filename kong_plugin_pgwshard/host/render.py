@@ -190,7 +190,10 @@ def render(prefix: str, listen: str, socket: str, plugin_config: dict | os.PathL
     host_config = base / "host.json"
     host_config.write_text(json.dumps({
         "socket": socket, "plugin": "pgwshard", "plugin_config_file": str(plugin_config_file),
-        "upstream": upstream, "read_timeout_ms": read_timeout_ms, "keepalive_pool": keepalive_pool,
+        # the plugin server's timeouts of the shipped kong.conf (nginx_proxy_lua_socket_*), not
+        # Kong's 60 s: a hung plugin server holds a push 5 s at most, then Kong's way applies
+        "upstream": upstream, "connect_timeout_ms": 1000, "send_timeout_ms": 5000,
+        "read_timeout_ms": read_timeout_ms, "keepalive_pool": keepalive_pool,
         "config_check_interval": 0.5, **(host_settings or {})}))
     if identity is not None:
         for path, what in [(lua_dir / "pgwshard_host.lua", "the host's Lua"), (host_config, "the host config"),
@@ -207,8 +210,15 @@ def render(prefix: str, listen: str, socket: str, plugin_config: dict | os.PathL
         "lua_package_cpath": ";".join(f"{d}/?.so" for d in cpath_dirs) + ";;",
         "connect_timeout": limits.connect_timeout, "read_timeout": limits.read_timeout,
         "send_timeout": limits.send_timeout, "body_limit": limits.body_limit, "header_buffer": limits.header_buffer,
-        "deletes": (f"            if ($request_method = DELETE) {{ proxy_pass http://{deletes}; }}"
-                    if deletes else ""),
+        # A DELETE leaves `location /` in the rewrite phase, before the plugin's access phase,
+        # for a location without the plugin: Kong's pgwshard-deletes route is a service of its
+        # own (kong/kong.yml), so the plugin server never sees a delete, and a plugin server
+        # that is down does not fail one.
+        "deletes": ("            error_page 418 = @pgwshard_deletes;\n"
+                    "            if ($request_method = DELETE) { return 418; }" if deletes else ""),
+        "deletes_location": ("        location @pgwshard_deletes {\n"
+                             f"            proxy_pass http://{deletes};\n"
+                             "        }" if deletes else ""),
     }
     text = (HOST_DIR / "nginx.conf.template").read_text()
     for name, value in values.items():

@@ -85,6 +85,22 @@ def test_render_writes_a_config_nginx_accepts_that_never_runs_workers_as_root():
     assert check.returncode == 0, check.stderr
 
 
+def test_render_sends_deletes_to_the_delete_api_and_keeps_fail_fast_a_choice():
+    prefix = _open_dir("pgwshard-render-")
+    result = _render(CHECKOUT_CLI, prefix, "/run/pgwshard-test-absent/pgwshard.sock",
+                     _plugin_config(["127.0.0.1:9091"]), "127.0.0.1:9091",
+                     "--deletes", "127.0.0.1:9552", "--fail-fast")
+    assert result.returncode == 0, result.stderr
+    conf = Path(result.stdout.strip()).read_text()
+    assert "if ($request_method = DELETE) { return 418; }" in conf and "proxy_pass http://127.0.0.1:9552;" in conf
+    assert json.loads((Path(prefix) / "host.json").read_text())["fail_fast"] is True
+    plain = _open_dir("pgwshard-render-")
+    result = _render(CHECKOUT_CLI, plain, "/run/pgwshard-test-absent/pgwshard.sock",
+                     _plugin_config(["127.0.0.1:9091"]), "127.0.0.1:9091")
+    assert "DELETE" not in Path(result.stdout.strip()).read_text()
+    assert "fail_fast" not in json.loads((Path(plain) / "host.json").read_text())  # Kong's way by default
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="workers run as another user only when nginx starts as root")
 def test_render_refuses_a_socket_the_workers_could_not_open():
     hidden = temp_dir("pgwshard-hidden-")  # 0700, root's

@@ -18,7 +18,9 @@ def test_kong_conf_and_kong_yml_set_the_limits_the_host_renders():
     limits = PushLimits()
     assert conf["nginx_http_client_max_body_size"] == limits.body_limit
     assert conf["nginx_proxy_large_client_header_buffers"].split() == ["4", limits.header_buffer]
-    (service,) = yaml.safe_load((REPO / "kong/kong.yml").read_text())["services"]
-    assert service["connect_timeout"] == _seconds(limits.connect_timeout) * 1000
-    assert service["read_timeout"] == _seconds(limits.read_timeout) * 1000
-    assert service["write_timeout"] == _seconds(limits.send_timeout) * 1000
+    for declarative in ("kong/kong.yml", "docker/kong.yml"):
+        service = next(s for s in yaml.safe_load((REPO / declarative).read_text())["services"]
+                       if s["name"] == "pushgateway")
+        assert service["connect_timeout"] == _seconds(limits.connect_timeout) * 1000, declarative
+        assert service["read_timeout"] == _seconds(limits.read_timeout) * 1000, declarative
+        assert service["write_timeout"] == _seconds(limits.send_timeout) * 1000, declarative

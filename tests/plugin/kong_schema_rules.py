@@ -67,8 +67,9 @@ PLUGIN_ENTITY_FIELDS = {"id": "string", "name": "string", "instance_name": "stri
                         "created_at": "integer", "updated_at": "integer", "route": "foreign",
                         "service": "foreign", "consumer": "foreign", "config": "record",
                         "protocols": "set", "enabled": "boolean", "tags": "set"}
-# kong/constants.lua PROTOCOLS (typedefs.protocol's one_of, the entity's `protocols` elements)
-KONG_PROTOCOLS = {"http", "https", "tcp", "tls", "tls_passthrough", "udp", "grpc", "grpcs", "ws", "wss"}
+# kong/constants.lua PROTOCOLS (protocols_with_subsystem: typedefs.protocol's one_of, the
+# entity's `protocols` elements); ws/wss are Enterprise-only, not in 3.9.3's OSS list
+KONG_PROTOCOLS = {"http", "https", "tcp", "tls", "tls_passthrough", "udp", "grpc", "grpcs"}
 UNINTERPRETED = {"match", "not_match", "match_all", "match_none", "match_any", "custom_validator",
                  "is_regex", "json_schema", "uuid"}
 

@@ -111,9 +111,8 @@ def test_the_readme_topologies_give_kong_conf_lines_and_pgwshard_yml_that_hold()
 
     section = _topologies_section()
     plugin_lines = section.split("The plugin lines, on every node:", 1)[1].split("\n\n")[1]
-    # and the push limits, given apart ("what nginx's defaults get wrong for pushes")
-    push_lines = section.split("what nginx's defaults get wrong for pushes", 1)[1].split("\n\n")[1]
-    said = dict(line.strip().split(" = ", 1) for line in (plugin_lines + "\n" + push_lines).splitlines())
+    push_lines = section.split("Also on every proxying node", 1)[1].split("\n\n")[1]
+    said = dict(line.strip().split(" = ", 1) for line in [*plugin_lines.splitlines(), *push_lines.splitlines()])
     conf = kong_conf()
     assert said == conf  # every line kong/kong.conf sets
     blocks = section.split("```yaml\n")[1:]

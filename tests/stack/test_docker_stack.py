@@ -91,6 +91,17 @@ def _bind_mounts(service: str) -> dict[str, Path]:
     return mounts
 
 
+def _daemon_config_on_host(tmp_path: Path) -> Path:
+    """The pgwshard-sync container's config with each file it names moved to its bind mount's
+    host path: pgwshard-sync checks at load that the files exist."""
+    mounts = _bind_mounts("pgwshard-sync")
+    config = yaml.safe_load(mounts[_daemon_command_config()].read_text())
+    config["kong"]["declarative_file"] = str(mounts[config["kong"]["declarative_file"]])
+    on_host = tmp_path / "pgwshard.yml"
+    on_host.write_text(yaml.safe_dump(config))
+    return on_host
+
+
 def _published(service: str) -> dict[int, tuple[str, int]]:
     """container port -> (host ip, host port) of a service's published ports."""
     published = {}
@@ -322,11 +333,11 @@ def test_daemon_reaches_consul_kong_and_is_scraped():
     assert compose["services"]["prometheus"]["command"][0] == "--config.file=/etc/prometheus/prometheus.yml"
 
 
-def test_daemon_config_loads_with_the_daemons_own_validation():
+def test_daemon_config_loads_with_the_daemons_own_validation(tmp_path):
     from kong_plugin_pgwshard.sync.settings import load_settings
     from kong_plugin_pgwshard.sync.sinks import DeclarativeSink, sinks_from_settings
 
-    path = _bind_mounts("pgwshard-sync")[_daemon_command_config()]
+    path = _daemon_config_on_host(tmp_path)
     settings = load_settings(str(path), environ={})  # unknown or misspelt keys raise ConfigError
     assert [m.name for m in settings.pushgateways] == [f"{name}:9091" for name in PUSHGATEWAYS]
     assert settings.source == "consul" and settings.consul.register.enabled
@@ -365,7 +376,7 @@ def stack_plugin_server(tmp_path):
         server.stop()
 
 
-def test_stack_routes_pushes_to_the_healthy_compose_pushgateways(stack_plugin_server):
+def test_stack_routes_pushes_to_the_healthy_compose_pushgateways(stack_plugin_server, tmp_path):
     """The stack's own files end to end, Kong replaced by its Admin API double and this test:
     pgwshard-sync's sink (docker/pgwshard.yml) loads docker/kong.yml with the healthy set into
     Kong's /config; the plugin (configured by docker/kong.yml, started by the image's command)
@@ -374,7 +385,7 @@ def test_stack_routes_pushes_to_the_healthy_compose_pushgateways(stack_plugin_se
 
     from kong_plugin_pgwshard.core.grouping import parse_push_path
     from kong_plugin_pgwshard.core.ring import Ring
-    from kong_plugin_pgwshard.harness.kong_rpc import KongRPC, Request, run_access
+    from kong_plugin_pgwshard.harness.kong_rpc import KongPlugin, KongRPC, Request
     from kong_plugin_pgwshard.harness.processes import wait_until
     from kong_plugin_pgwshard.sync.settings import load_settings
     from kong_plugin_pgwshard.sync.sinks import sinks_from_settings
@@ -383,9 +394,8 @@ def test_stack_routes_pushes_to_the_healthy_compose_pushgateways(stack_plugin_se
     admin = KongAdminDouble(db_less=True).start()
     rpc = KongRPC(stack_plugin_server)
     try:
-        settings = load_settings(str(_bind_mounts("pgwshard-sync")[_daemon_command_config()]), environ={})
-        on_host = str(_bind_mounts("pgwshard-sync")[settings.kong.declarative_file])
-        settings = replace(settings, kong=replace(settings.kong, nodes=(admin.url,), declarative_file=on_host))
+        settings = load_settings(str(_daemon_config_on_host(tmp_path)), environ={})
+        settings = replace(settings, kong=replace(settings.kong, nodes=(admin.url,)))
         [sink] = sinks_from_settings(settings)
         healthy = [m for m in settings.pushgateways if m.host != "pushgateway-2"]  # -2 is down
         sink.apply(healthy)
@@ -393,20 +403,22 @@ def test_stack_routes_pushes_to_the_healthy_compose_pushgateways(stack_plugin_se
 
         declarative = yaml.safe_load(_kong_declarative_file().read_text())
         [plugin] = [p for s in declarative["services"] for p in s.get("plugins", []) if p["name"] == "pgwshard"]
-        config = {**plugin["config"], "admin_url": admin.url, "refresh_interval": 0.2,
-                  "route_id": "r1", "service_id": "s1", "__seq__": 1}  # keys Kong adds
-        instance = rpc.start_instance("pgwshard", config)
+        # The config as Kong hands it over: the schema the server gives Kong, defaults filled,
+        # Kong's keys injected (harness/kong_rpc.py kong_config names the Kong files)
+        kong = KongPlugin(rpc, rpc.plugin_info("pgwshard")["Schema"],
+                          {**plugin["config"], "admin_url": admin.url, "refresh_interval": 0.2},
+                          route_id="r1", service_id="s1")
         ring = Ring(healthy)
         paths = [f"/metrics/job/batch/instance/{i}" for i in "abcdefgh"]
 
         def routed() -> dict[str, tuple[str, int] | None]:
-            return {path: run_access(rpc, instance, Request(path)).target for path in paths}
+            return {path: kong.access(Request(path)).target for path in paths}
 
         expected = {path: (ring.owner(parse_push_path(path)).host, 9091) for path in paths}
         assert wait_until(lambda: routed() == expected, 10, what="pushes routed to their owners")
         assert {host for host, _ in expected.values()} == {"pushgateway-1", "pushgateway-3"}
         # A read is left to the route's upstream.
-        assert run_access(rpc, instance, Request("/api/v1/metrics", method="GET")).target is None
+        assert kong.access(Request("/api/v1/metrics", method="GET")).target is None
     finally:
         rpc.close()
         admin.stop()

@@ -247,6 +247,19 @@ def test_the_shipped_kong_configs_hash_pushes_on_the_path_and_bound_the_waits(de
     assert all(1000 <= settings[f"{phase}_timeout_ms"] <= 10_000 for phase in ("connect", "send", "read"))
 
 
+def test_the_rendered_host_waits_on_the_plugin_server_as_the_shipped_kong_conf():
+    from kong_plugin_pgwshard.host.render import render
+
+    prefix = Path(temp_dir("pgwshard-render-"))
+    os.chmod(prefix, 0o755)  # nginx workers (never root) must reach it
+    render(str(prefix), "127.0.0.1:1", str(prefix / "absent.sock"), {"nodes": ["127.0.0.1:9091"]},
+           ["127.0.0.1:9091"])
+    rendered = json.loads((prefix / "host.json").read_text())
+    shipped = shipped_kong_settings()
+    assert {k: rendered[k] for k in shipped if k.endswith("_timeout_ms")} == \
+        {k: v for k, v in shipped.items() if k.endswith("_timeout_ms")}
+
+
 class PushLoad:
     """Threads pushing their own groups in turn, each push one higher than the group's last;
     records per group the last value a 2xx acknowledged, and every status seen."""

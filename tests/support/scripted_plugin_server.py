@@ -49,7 +49,9 @@ def ret(event_id: int = 1) -> dict:
 class ScriptedPluginServer:
     def __init__(self, script: dict[str, list]):
         self.script = {method: list(answers) for method, answers in script.items()}
-        self.path = os.path.join(temp_dir("pgwshard-scripted-"), "pgwshard.sock")
+        directory = temp_dir("pgwshard-scripted-")
+        os.chmod(directory, 0o711)  # nginx workers (never root) pass through to the socket
+        self.path = os.path.join(directory, "pgwshard.sock")
         self.calls: list[tuple[str, list]] = []
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
@@ -58,7 +60,7 @@ class ScriptedPluginServer:
     def start(self) -> ScriptedPluginServer:
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(self.path)
-        os.chmod(self.path, 0o777)  # nginx workers may run as another user
+        os.chmod(self.path, 0o666)  # nginx workers run as another user
         self._listener.listen(64)
         threading.Thread(target=self._accept, daemon=True).start()
         return self

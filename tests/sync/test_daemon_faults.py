@@ -7,8 +7,8 @@ from kong_plugin_pgwshard.harness.processes import wait_until
 from kong_plugin_pgwshard.sync.daemon import Daemon, Damper
 from kong_plugin_pgwshard.sync.settings import FileSdSettings, parse_settings
 from kong_plugin_pgwshard.sync.sinks import AdminApiSink, FileSdSink
+from tests.support.daemon import file_members, running
 from tests.support.raw_servers import RawServer
-from tests.sync.test_daemon import file_members, running
 
 PROBES = {"interval": 0.2, "timeout": 1.0, "rise": 1, "fall": 1}
 

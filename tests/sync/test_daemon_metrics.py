@@ -8,7 +8,7 @@ import time
 from kong_plugin_pgwshard.harness.processes import wait_until
 from kong_plugin_pgwshard.sync.daemon import Daemon
 from kong_plugin_pgwshard.sync.settings import parse_settings
-from tests.sync.test_daemon import running
+from tests.support.daemon import running
 
 
 def value(daemon: Daemon, name: str, **labels) -> float | None:

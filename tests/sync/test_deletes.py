@@ -1,11 +1,8 @@
 """Deletes through pgwshard-sync stick: real pushgateways with persistence, the real daemon."""
 from __future__ import annotations
 
-import json
-import threading
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
 
 import pytest
 
@@ -16,25 +13,7 @@ from kong_plugin_pgwshard.harness.processes import Pushgateway, free_port, wait_
 from kong_plugin_pgwshard.sync.daemon import Daemon
 from kong_plugin_pgwshard.sync.deletes import Tombstones
 from kong_plugin_pgwshard.sync.settings import parse_settings
-
-
-@contextmanager
-def running(daemon: Daemon):
-    thread = threading.Thread(target=daemon.run, daemon=True)
-    thread.start()
-    try:
-        yield daemon
-    finally:
-        daemon.stop.set()
-        thread.join(15)
-        assert not thread.is_alive()
-
-
-def members(path) -> set[str] | None:
-    try:
-        return set(json.loads(path.read_text())[0]["targets"])
-    except (OSError, ValueError):
-        return None
+from tests.support.daemon import file_members, running
 
 
 def request(url: str, method: str, body: bytes | None = None) -> int:
@@ -77,9 +56,9 @@ def test_a_delete_during_the_owners_outage_stays_deleted_when_it_returns(pushgat
     api = f"http://127.0.0.1:{port}"
 
     with running(Daemon(settings)):
-        wait_until(lambda: members(sd) == {p.address for p in pgws}, 10, what="three members")
+        wait_until(lambda: file_members(sd) == {p.address for p in pgws}, 10, what="three members")
         owner.stop()  # SIGTERM: it writes its persistence file
-        wait_until(lambda: members(sd) == {p.address for p in pgws[1:]}, 10, what="the owner gone")
+        wait_until(lambda: file_members(sd) == {p.address for p in pgws[1:]}, 10, what="the owner gone")
         assert request(api + deleted.path(), "DELETE") == 202
         assert request(api + pushed_again.path(), "DELETE") == 202
     standin = Ring(Member.parse(p.address) for p in pgws[1:]).owner(pushed_again).name
@@ -88,7 +67,7 @@ def test_a_delete_during_the_owners_outage_stays_deleted_when_it_returns(pushgat
     with running(Daemon(settings)):  # a new pgwshard-sync, from the same tombstone file
         returned = Pushgateway(port=owner.port, data_dir=owner.data_dir).start()
         try:
-            wait_until(lambda: members(sd) == {p.address for p in pgws}, 15, what="the owner rejoins")
+            wait_until(lambda: file_members(sd) == {p.address for p in pgws}, 15, what="the owner rejoins")
             everywhere = [held(p) for p in [returned, *pgws[1:]]]
             assert all(str(deleted) not in h for h in everywhere)
             # a push after the delete wins over the tombstone: it moves to its owner, one copy
@@ -131,3 +110,40 @@ def test_a_delete_that_cannot_be_recorded_is_not_acknowledged(tmp_path):
 def test_delete_settings_name_the_key(deletes, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         parse_settings({"pushgateways": ["a:1"], "deletes": deletes}, "test")
+
+
+def test_the_host_sends_deletes_past_the_plugin_to_the_delete_api(pushgateways, tmp_path):
+    """As Kong's pgwshard-deletes route (a service without the plugin): a DELETE through the
+    OpenResty host reaches pgwshard-sync even while the plugin server is down, and is recorded;
+    a push meanwhile goes Kong's way (the upstream's own hashing). Before, the host ran the
+    plugin on every DELETE first: with the plugin server down a delete was not acknowledged."""
+    from kong_plugin_pgwshard.harness.nginx import NginxHost
+    from kong_plugin_pgwshard.harness.processes import PluginServer
+
+    pgws = pushgateways(2)
+    tombs, port = tmp_path / "tombstones.json", free_port()
+    settings = parse_settings({
+        "pushgateways": [p.address for p in pgws],
+        "health": {"probes": {"interval": 0.2, "timeout": 0.5, "rise": 1, "fall": 1}},
+        "file_sd": {"path": str(tmp_path / "sd.json")},
+        "rebalance": {"enabled": False},
+        "deletes": {"listen": f"127.0.0.1:{port}", "tombstone_file": str(tombs)},
+    }, "test")
+    key = GroupingKey.from_labels({"job": "batch", "instance": "gone"})
+    for pgw in pgws:
+        assert request(pgw.url + key.path(), "PUT", b"batch_done 1\n") == 200
+    server = PluginServer().start()
+    host = NginxHost(server.socket_path, {"membership": "static", "nodes": [p.address for p in pgws]},
+                     [p.address for p in pgws], deletes=f"127.0.0.1:{port}").start()
+    try:
+        with running(Daemon(settings)):
+            wait_until(lambda: request(f"http://127.0.0.1:{port}/-/healthy", "GET") in (200, 404), 10,
+                       what="the delete API listening")
+            server.stop()
+            assert request(host.url + key.path(), "DELETE") == 202
+            assert all(str(key) not in held(p) for p in pgws)
+            assert Tombstones(str(tombs), ttl=3600).deleted_at(key) is not None
+            assert request(host.url + "/metrics/job/batch/instance/kept", "PUT", b"batch_done 2\n") == 200
+    finally:
+        host.stop()
+        server.stop()

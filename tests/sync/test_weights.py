@@ -12,7 +12,7 @@ from kong_plugin_pgwshard.harness.processes import wait_until
 from kong_plugin_pgwshard.sync.daemon import Daemon
 from kong_plugin_pgwshard.sync.health import HealthSnapshot
 from kong_plugin_pgwshard.sync.settings import parse_settings
-from tests.sync.test_daemon import running
+from tests.support.daemon import running
 
 A, B, C = "10.0.0.1:9091", "10.0.0.2:9091", "10.0.0.3:9091"
 
