@@ -1,8 +1,8 @@
 """`pgwshard`: operator commands.
 
-    pgwshard locate [--nodes H:P,H:P | --nodes-file SD.json] [--prefix P] PATH...
+    pgwshard locate [--nodes H:P[=WEIGHT],H:P | --nodes-file SD.json] [--prefix P] PATH...
         the canonical grouping key and the owning pushgateway of each push path
-    pgwshard rebalance [--nodes H:P,H:P | --nodes-file SD.json] [--instances H:P,...] [--dry-run]
+    pgwshard rebalance [--nodes H:P[=WEIGHT],H:P | --nodes-file SD.json] [--instances H:P,...] [--dry-run]
         move every group to its owner on the ring (docs/rebalancing.md); --dry-run prints the plan
     pgwshard status [--nodes H:P,H:P | --nodes-file SD.json | --config pgwshard.yml] [--json]
         members, their health and weight, groups per member, groups not on their owner,
@@ -37,7 +37,8 @@ NODES_ENV = "PGWSHARD_NODES"
 def add_membership_arguments(parser: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
     """--nodes / --nodes-file, shared by every command that needs the ring."""
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--nodes", help=f"pushgateways as host:port,host:port (default: ${NODES_ENV})")
+    group.add_argument("--nodes", help="pushgateways as host:port,host:port; host:port=weight gives one "
+                                        f"a weight other than 100 (0 drains it) (default: ${NODES_ENV})")
     group.add_argument("--nodes-file", help="a Prometheus file_sd JSON file listing the pushgateways "
                                              "(pgwshard-sync's file sink writes one)")
     return group
@@ -49,7 +50,7 @@ def ring_from_arguments(args: argparse.Namespace) -> Ring:
         if args.nodes_file:
             return Ring(read_file_sd(args.nodes_file))
         text = args.nodes or os.environ.get(NODES_ENV, "")
-        return Ring(Member.parse(n) for n in text.split(",") if n.strip())
+        return Ring(Member.parse_weighted(n) for n in text.split(",") if n.strip())
     except (OSError, ValueError) as err:
         sys.exit(f"pgwshard: bad membership: {err}")
 
@@ -155,7 +156,8 @@ def survey(ring: Ring, instances: Sequence[Member], ring_source: str, timeout: f
         if len(holders[key]) > 1:
             status.duplicated.append({"group": str(key), "on": holders[key], "owner": owner})
     if status.misplaced:
-        status.attention.append(f"{_count(status.misplaced, 'group')} not on {'its' if len(status.misplaced) == 1 else 'their'} owner")
+        whose = "its" if len(status.misplaced) == 1 else "their"
+        status.attention.append(f"{_count(status.misplaced, 'group')} not on {whose} owner")
     if status.duplicated:
         status.attention.append(f"{_count(status.duplicated, 'duplicated group')}")
     return status
@@ -182,7 +184,7 @@ def ring_from_sync_config(path: str, timeout: float) -> tuple[Ring, list[Member]
             config = yaml.safe_load(f) or {}
         if not isinstance(config, dict):
             raise ValueError("expected a mapping")
-        known = [Member.parse(str(p)) for p in config.get("pushgateways") or []]
+        known = [_configured(p) for p in config.get("pushgateways") or []]
         kong, file_sd = config.get("kong"), config.get("file_sd")
         if kong:
             url = (kong.get("nodes") or [kong.get("admin_url") or "http://127.0.0.1:8001"])[0]
@@ -197,6 +199,13 @@ def ring_from_sync_config(path: str, timeout: float) -> tuple[Ring, list[Member]
         sys.exit(f"pgwshard: {path}: {err}")  # a wrong shape too: `pgwshard-sync --check` says which key
     healthy = [m for m in known if PushgatewayClient(m.name, timeout=timeout).healthy()]
     return Ring(healthy), known, "the configured pushgateways that answer /-/healthy (no kong or file_sd section)"
+
+
+def _configured(entry) -> Member:
+    """A `pushgateways` entry of pgwshard-sync's config: "host:port" or {address, weight}."""
+    if isinstance(entry, dict):
+        return Member.parse(str(entry.get("address")), int(entry.get("weight", 100)))
+    return Member.parse(str(entry))
 
 
 def status(args: argparse.Namespace) -> int:
@@ -229,7 +238,7 @@ def render_status(report: Status, now: float, limit: int = 20) -> str:
                      _or_dash(m.groups), _or_dash(m.not_owned), _when(m.newest_push, now), _when(m.oldest_push, now)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [f"ring from {report.ring_source}"]
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     for title, entries in (("groups not on their owner", report.misplaced), ("duplicated groups", report.duplicated)):
         if entries:
             lines += ["", f"{title} ({len(entries)}):"]

@@ -2,12 +2,23 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 
 import pytest
 
 from kong_plugin_pgwshard.harness.processes import Consul, Pushgateway, consul_binary
 from kong_plugin_pgwshard.harness.prometheus import Prometheus
+
+
+def pytest_collection_modifyitems(config, items):
+    """Soak tests run where PGWSHARD_SOAK=1 (CI, README's test command); a plain run skips them."""
+    if os.environ.get("PGWSHARD_SOAK") == "1":
+        return
+    skip = pytest.mark.skip(reason="soak test: set PGWSHARD_SOAK=1 to run it")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture

@@ -1,20 +1,18 @@
 """The few Pushgateway calls the rebalancer needs: list groups, PUT one, DELETE one, health.
 
-Plain urllib: these calls run on the control path (the sync daemon, the CLI), never on a request.
-Every failure, from a refused connection to a body that is not the documented JSON, is raised as
-UpstreamError naming the instance, so callers handle one error type.
+These calls run on the control path (the sync daemon, the CLI), never on a request, through
+clients/http.py: every failure, from a refused connection to a body that is not the documented
+JSON, is raised as an UpstreamError (errors.py's tree) naming the instance.
 """
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.grouping import GroupingKey
-from ..errors import GroupingKeyError, UpstreamError
+from ..errors import GroupingKeyError, ProtocolError, UpstreamError
+from .http import HttpClient, Timeouts
 
 # Pushgateway keeps these per group itself; it ignores them in a push.
 PUSHGATEWAY_FAMILIES = frozenset({"push_time_seconds", "push_failure_time_seconds"})
@@ -32,48 +30,39 @@ class Group:
 class PushgatewayClient:
     """HTTP client for one pushgateway, addressed as "host:port" (or a base URL)."""
 
-    def __init__(self, address: str, timeout: float = 5.0):
+    def __init__(self, address: str, timeout: float | Timeouts = 5.0, proxy: str | None = None):
         self.base_url = address.rstrip("/") if "://" in address else f"http://{address}"
         self.name = address
-        self.timeout = timeout
+        self._http = HttpClient(self.base_url, name=address, timeout=timeout, proxy=proxy)
+
+    def close(self) -> None:
+        self._http.close()
 
     def groups(self) -> list[Group]:
         """Every group the instance holds, from GET /api/v1/metrics."""
-        body = self._call("GET", "/api/v1/metrics")
+        body = self._http.request("GET", "/api/v1/metrics", ok=(200,)).json()
         try:
-            data = json.loads(body)["data"]
-            return [_group(entry) for entry in data]
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise UpstreamError(f"{self.name}: /api/v1/metrics is not the expected JSON: {exc!r}") from None
+            return [_group(entry) for entry in body["data"]]
+        except (KeyError, TypeError, AttributeError, IndexError, ValueError) as exc:
+            raise ProtocolError(f"{self.name}: /api/v1/metrics is not the expected JSON: {exc!r}",
+                                target=self.name) from exc
 
     def put_group(self, key: GroupingKey, text: str) -> None:
         """Replace the group with the families in text (exposition format)."""
-        self._call("PUT", key.path(), text.encode("utf-8"))
+        self._http.request("PUT", key.path(), data=text.encode("utf-8"), ok=(200, 202),
+                           headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     def delete_group(self, key: GroupingKey) -> None:
         """Delete the group; Pushgateway queues it after earlier writes (202)."""
-        self._call("DELETE", key.path())
+        self._http.request("DELETE", key.path(), ok=(200, 202))
 
     def healthy(self) -> bool:
         """True if /-/healthy answers 200; false on any error."""
         try:
-            self._call("GET", "/-/healthy")
+            self._http.request("GET", "/-/healthy", ok=(200,))
             return True
         except UpstreamError:
             return False
-
-    def _call(self, method: str, path: str, body: bytes | None = None) -> bytes:
-        request = urllib.request.Request(self.base_url + path, data=body, method=method)
-        if body is not None:
-            request.add_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return response.read()
-        except urllib.error.HTTPError as err:
-            detail = err.read(500).decode("utf-8", "replace").strip()
-            raise UpstreamError(f"{self.name}: {method} {path} answered {err.code}: {detail}") from None
-        except (OSError, ValueError) as exc:  # refused, reset, timed out, bad URL
-            raise UpstreamError(f"{self.name}: {method} {path} failed: {exc}") from None
 
 
 def _group(entry: Mapping[str, Any]) -> Group:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 __all__ = ["DEFAULT_WEIGHT", "Member", "normalize_host", "split_address"]
 
+WEIGHT_SEPARATOR = "="  # "host:port=weight": no address spelling contains "="
+
 DEFAULT_WEIGHT = 100  # Kong's default target weight
 _HEX_GROUP = re.compile(r"[0-9A-Fa-f]{1,4}\Z")
 _IPV4 = re.compile(r"([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})(?::([0-9]+))?\Z")
@@ -115,3 +117,14 @@ class Member:
         if not 0 <= weight <= 65535:
             raise ValueError(f"weight must be 0..65535, got {weight} for {text!r}")
         return cls(host, port, weight)
+
+    @classmethod
+    def parse_weighted(cls, text: str) -> Member:
+        """"host:port" (weight 100) or "host:port=weight", as `pgwshard --nodes` takes them;
+        ValueError quoting `text`."""
+        address, sep, weight = text.strip().partition(WEIGHT_SEPARATOR)
+        if not sep:
+            return cls.parse(address)
+        if not weight.strip().isdigit():
+            raise ValueError(f"expected host:port=weight with a whole number, got {text!r}")
+        return cls.parse(address, int(weight))

@@ -144,6 +144,7 @@ def run_drill(groups: int = 30, seed: int | None = None, converge_timeout: float
     deleted: set[GroupingKey] = set()     # acknowledged deletes
     counter = [0]
     try:
+        assert stack.host is not None
         gateway = stack.host.url
 
         def push(key: GroupingKey) -> None:

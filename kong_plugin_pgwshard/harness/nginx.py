@@ -43,7 +43,7 @@ class NginxHost(ManagedProcess):
         path = Path(self.prefix) / "error.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def start(self) -> "NginxHost":
+    def start(self) -> NginxHost:
         super().start()
 
         def listening():
@@ -68,9 +68,10 @@ class PluginHostStack:
 
     @property
     def url(self) -> str:
+        assert self.host is not None, "not started"
         return self.host.url
 
-    def start(self) -> "PluginHostStack":
+    def start(self) -> PluginHostStack:
         self.server.start()
         self.host = NginxHost(self.server.socket_path, {"membership": "static", "nodes": self.backends},
                               self.backends, self.workers).start()

@@ -30,7 +30,7 @@ def temp_dir(prefix: str) -> str:
     return path
 
 
-_RUNNING: set["ManagedProcess"] = set()
+_RUNNING: set[ManagedProcess] = set()
 
 
 @atexit.register
@@ -112,7 +112,7 @@ class ManagedProcess:
         self.proc: subprocess.Popen | None = None
         self.log_path = Path(temp_dir(f"pgwshard-{name}-")) / "output.log"
 
-    def start(self) -> "ManagedProcess":
+    def start(self) -> ManagedProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -190,7 +190,7 @@ class Pushgateway(ManagedProcess):
     def url(self) -> str:
         return f"http://{self.address}"
 
-    def start(self) -> "Pushgateway":
+    def start(self) -> Pushgateway:
         super().start()
         wait_until(lambda: http_get(self.url + "/-/ready")[0] == 200, 15, what=f"{self.name} ready")
         return self
@@ -214,7 +214,8 @@ def consul_binary() -> str | None:
     found = shutil.which("consul")
     if found:
         return found
-    cache = Path(os.environ.get("PGWSHARD_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pgwshard")
+    xdg_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    cache = Path(os.environ.get("PGWSHARD_CACHE") or xdg_cache / "pgwshard")
     candidates = sorted(cache.glob("consul-*/consul"))
     return str(candidates[-1]) if candidates else None
 
@@ -240,7 +241,7 @@ class Consul(ManagedProcess):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def start(self) -> "Consul":
+    def start(self) -> Consul:
         super().start()
         wait_until(lambda: http_get(self.url + "/v1/status/leader")[1].strip() not in (b"", b'""'),
                    30, what="consul leader")
@@ -272,7 +273,7 @@ class PluginServer(ManagedProcess):
     def socket_path(self) -> str:
         return os.path.join(self.prefix, "pgwshard.sock")
 
-    def start(self) -> "PluginServer":
+    def start(self) -> PluginServer:
         super().start()
 
         def accepting() -> bool:
@@ -288,6 +289,7 @@ class PluginServer(ManagedProcess):
 
     def rss_kib(self) -> int:
         """Resident memory of the server process, from /proc."""
+        assert self.proc is not None, "not started"
         with open(f"/proc/{self.proc.pid}/status") as f:
             for line in f:
                 if line.startswith("VmRSS:"):
@@ -307,7 +309,7 @@ class Respawner:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "Respawner":
+    def start(self) -> Respawner:
         if not self.process.running:
             self.process.start()
         self._thread = threading.Thread(target=self._watch, name=f"respawn-{self.process.name}", daemon=True)

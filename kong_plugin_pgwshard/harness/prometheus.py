@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import urllib.parse
+from collections.abc import Sequence
 from pathlib import Path
 
 from .processes import ManagedProcess, free_port, http_get, temp_dir, wait_until
@@ -39,8 +40,8 @@ class Prometheus(ManagedProcess):
 
     BINARY = "prometheus"
 
-    def __init__(self, targets: list[str] = (), port: int | None = None, sync_targets: list[str] = (),
-                 rule_files: list[str] = ()):
+    def __init__(self, targets: Sequence[str] = (), port: int | None = None, sync_targets: Sequence[str] = (),
+                 rule_files: Sequence[str] = ()):
         self.port = port or free_port()
         self.dir = Path(temp_dir("pgwshard-prometheus-"))
         self.targets_file = self.dir / "targets.json"
@@ -60,7 +61,7 @@ class Prometheus(ManagedProcess):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "Prometheus":
+    def start(self) -> Prometheus:
         super().start()
         wait_until(lambda: http_get(self.url + "/-/ready")[0] == 200, 30, what=f"{self.name} ready")
         return self

@@ -46,6 +46,7 @@ def _phase_runner(phase) -> None:
     """Body of a pooled greenlet: run a phase, hand its end (RET or _Raised) to the loop, wait
     for the next one. Creating a greenlet per event cost more than the rest of the event."""
     while True:
+        end: object
         try:
             phase(KONG)
             end = RET
@@ -57,6 +58,8 @@ def _phase_runner(phase) -> None:
 
 class PgwshardPluginServer(PluginServer):
     """kong-pdk's PluginServer whose events run in pooled greenlets driven by the RPC loop."""
+
+    event_id: int  # kong-pdk's counter of event ids
 
     def __init__(self, loglevel: int = Logger.WARNING):
         super().__init__(loglevel=loglevel, name=f"{handler.NAME} version {handler.version}")

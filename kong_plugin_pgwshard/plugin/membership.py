@@ -152,11 +152,15 @@ def membership_for(config: PluginConfig) -> Membership:
     if config.membership == "static":
         return StaticMembership(config.nodes)
     if config.membership == "file":
-        return _shared.acquire(("file", config.membership_file, config.refresh_interval),
-                               lambda: FileMembership(config.membership_file, config.refresh_interval))
+        path = config.membership_file
+        assert path is not None  # required in this mode (config.py)
+        return _shared.acquire(("file", path, config.refresh_interval),
+                               lambda: FileMembership(path, config.refresh_interval))
+    upstream = config.upstream
+    assert upstream is not None  # required in this mode (config.py)
     return _shared.acquire(
-        ("upstream", config.admin_url, config.upstream, config.admin_token, config.refresh_interval),
-        lambda: UpstreamMembership(config.admin_url, config.upstream, config.admin_token, config.refresh_interval))
+        ("upstream", config.admin_url, upstream, config.admin_token, config.refresh_interval),
+        lambda: UpstreamMembership(config.admin_url, upstream, config.admin_token, config.refresh_interval))
 
 
 def release(membership: Membership) -> None:

@@ -23,7 +23,7 @@ class _PDKCall:
         self._terminal = name in terminal_methods
         self._log = name == "kong.log" or name.startswith("kong.log.")
 
-    def __getattr__(self, attr: str) -> "_PDKCall":
+    def __getattr__(self, attr: str) -> _PDKCall:
         if attr.startswith("__"):  # copy, pickle and friends probe these: not PDK names
             raise AttributeError(attr)
         link = _PDKCall(f"{self._name}.{attr}")

@@ -6,10 +6,14 @@ pushgateways, and groups on their owners.
                                                           every rebalance.interval)
 
 Safety rules: a source error keeps the last known good set (Consul down is not "nobody is
-healthy"); nothing is written before the first good snapshot; a sink that fails is retried with
-the newest set; a member that fails leaves at once, and one that returns rejoins only after
-staying healthy for `membership.hold_down` (damping flaps); a truly empty set is written once it
-has lasted `hold_down` (the plugin then answers 503). `--once` syncs once and exits.
+healthy"); nothing is written before the first good snapshot; every sink runs on its own worker
+thread (a hung Kong never delays the file_sd write), and one that fails is logged, counted and
+retried with backoff, with the newest set; an unexpected exception in any loop is logged with
+its traceback and the loop goes on (only a bad config at start stops the process); a member
+that fails leaves at once, and one that returns rejoins only after staying healthy for
+`membership.hold_down` (damping flaps); a truly empty set is written once it has lasted
+`hold_down` (the plugin then answers 503). Weights are the configured ones (weight 0 drains a
+pushgateway), whatever the source reports. `--once` syncs once and exits.
 """
 from __future__ import annotations
 
@@ -35,7 +39,8 @@ from .settings import Settings, load_settings
 from .sinks import Sink, sinks_from_settings
 
 log = logging.getLogger("pgwshard.sync")
-SINK_RETRY_SECONDS = 2.0
+# Waits between retries of a failing sink (the last one repeats): quick for a blip, then gentle.
+SINK_BACKOFF_SECONDS = (0.5, 1.0, 2.0, 5.0, 10.0)
 # Every sink is re-applied this often even without a change: a Kong node that restarted reloads
 # its declarative file (all targets), and a target edited by hand drifts. Equal sets cost no
 # writes (Admin API) or a 304 (DB-less /config).
@@ -71,7 +76,8 @@ class Damper:
         now = self.clock()
         self._healthy_since = {m: self._healthy_since.get(m, now) for m in healthy}
         self._healthy = healthy
-        self._empty_since = (self._empty_since or now) if not healthy else None
+        # `is None`, not `or`: a clock may read 0.0, which is a time and not "not empty yet"
+        self._empty_since = (now if self._empty_since is None else self._empty_since) if not healthy else None
 
     def decide(self) -> frozenset[Member] | None:
         """The set to apply now; None while there is nothing to apply yet."""
@@ -95,6 +101,70 @@ class Damper:
         return min(pending) if pending else None
 
 
+class SinkWorker:
+    """One sink on its own thread: applies the newest set it was offered, and on failure logs,
+    counts (`pgwshard_sync_errors_total{sink}`) and retries along `backoff` until it holds."""
+
+    def __init__(self, sink: Sink, metrics: DaemonMetrics, stop: threading.Event,
+                 backoff: Sequence[float] = SINK_BACKOFF_SECONDS):
+        self.sink, self.name, self.metrics, self.stop = sink, sink.name, metrics, stop
+        self.backoff = tuple(backoff) or (1.0,)
+        self._cond = threading.Condition()
+        self._wanted: frozenset[Member] | None = None  # the newest set not yet taken by the thread
+        self._working = False
+        self.synced: frozenset[Member] | None = None  # the set the sink last took
+        self._thread = threading.Thread(target=self._run, name=f"pgwshard-sink {sink.name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def offer(self, members: frozenset[Member]) -> None:
+        with self._cond:
+            self._wanted = members
+            self._cond.notify()
+
+    @property
+    def pending(self) -> bool:
+        """A set is waiting or being applied (or retried)."""
+        with self._cond:
+            return self._wanted is not None or self._working
+
+    def _run(self) -> None:
+        failures = 0
+        while not self.stop.is_set():
+            with self._cond:
+                if self._wanted is None:
+                    self._cond.wait(0.5)  # bounded, so that `stop` is seen
+                    continue
+                members, self._wanted, self._working = self._wanted, None, True
+            ok = self._apply(members)
+            with self._cond:
+                if ok:
+                    self.synced = members
+                elif self._wanted is None:
+                    self._wanted = members  # retry it, unless a newer set arrived meanwhile
+                self._working = not ok  # still owed while it waits to retry
+            if ok:
+                failures = 0
+                continue
+            self.stop.wait(self.backoff[min(failures, len(self.backoff) - 1)])
+            failures += 1
+
+    def _apply(self, members: frozenset[Member]) -> bool:
+        try:
+            self.sink.apply(sorted(members))
+            return True
+        except UpstreamError as err:
+            log.error("sink %s failed, will retry: %s", self.name, err)
+        except Exception:  # noqa: BLE001 - a sink's bug must not stop the others or the daemon
+            log.exception("sink %s crashed, will retry", self.name)
+        self.metrics.sync_errors.labels(self.name).inc()
+        return False
+
+
 class Daemon:
     """The sync loop: one watch thread feeds snapshots, the main thread damps and writes, an
     optional thread rebalances. `source`, `sinks`, `rebalancer` default to what settings ask for."""
@@ -112,23 +182,30 @@ class Daemon:
             from .deletes import Tombstones
             self.tombstones = Tombstones(settings.deletes.tombstone_file, settings.deletes.tombstone_ttl)
         self.rebalancer = rebalancer if rebalancer is not None else self._rebalancer()
-        self.known: set[Member] = set(settings.pushgateways)
+        # configured pushgateways by name: a source's member takes its configured weight
+        self._configured = {m.name: m for m in settings.pushgateways}
+        self.known: frozenset[Member] = frozenset(settings.pushgateways)
         self._healthy: frozenset[Member] = frozenset()  # the source's latest view
         for sink in self.sinks:  # a series from the start, so that increase() sees the first error
             self.metrics.sync_errors.labels(sink.name)
         self.stop = threading.Event()
+        self.workers = [SinkWorker(sink, self.metrics, self.stop) for sink in self.sinks]
         self._snapshots: queue.Queue[HealthSnapshot] = queue.Queue()
-        self._dirty: dict[str, frozenset[Member]] = {}  # sink name -> set it still has to take
         self._rebalance_wanted = threading.Event()
         self._changed_at = 0.0  # monotonic time of the last membership change
         self._ring = Ring()
+        # What the rebalance thread reads: one immutable (ring, known instances) pair, replaced
+        # whole by the main thread, never mutated, so a pass sees one consistent membership.
+        self.placement: tuple[Ring, tuple[Member, ...]] = (self._ring, tuple(sorted(self.known)))
         self._had_good = False  # no write happens before the first good snapshot
         self._source_failing = False
+        self._last_snapshot = time.monotonic()
         self.resync_interval = SINK_RESYNC_SECONDS
         self._next_resync = 0.0
 
     def _source(self) -> HealthSource:
         if self.settings.source == "consul":
+            assert self.settings.consul is not None  # settings refuse source consul without it
             return ConsulHealth(self.settings.consul)
         return ProbeHealth(self.settings.pushgateways, self.settings.probes)
 
@@ -144,21 +221,31 @@ class Daemon:
         """Run until stop is set (signals set it)."""
         self._register()
         delete_api = None
-        if self.tombstones is not None:
+        deletes = self.settings.deletes
+        if self.tombstones is not None and deletes is not None:
             from .deletes import DeleteAPI
-            delete_api = DeleteAPI(self.settings.deletes.listen, self.tombstones,
-                                   lambda: [m.name for m in self.known], self.settings.deletes.route_prefix).start()
+            delete_api = DeleteAPI(deletes.listen, self.tombstones,
+                                   lambda: [m.name for m in self.known], deletes.route_prefix).start()
         threads = [threading.Thread(target=self._watch, name="pgwshard-watch", daemon=True)]
         if self.rebalancer is not None:
             threads.append(threading.Thread(target=self._rebalance_loop, name="pgwshard-rebalance", daemon=True))
         for t in threads:
             t.start()
+        for worker in self.workers:
+            worker.start()
         while not self.stop.is_set():
-            self.step(timeout=self._wait_time())
+            try:
+                self.step(timeout=self._wait_time())
+            except Exception:  # noqa: BLE001 - log it and go on: the last applied set stays
+                log.exception("sync step failed; going on")
+                self.stop.wait(1.0)
         # A reconciliation may finish its current operation; the watch may sit in a blocking
-        # Consul query for `consul.wait`, and holds nothing worth waiting for (daemon thread).
+        # Consul query for `consul.wait`, and holds nothing worth waiting for (daemon thread);
+        # a sink may sit in a hung call for its timeout.
         for t in threads:
             t.join(timeout=1 if t.name == "pgwshard-watch" else 5)
+        for worker in self.workers:
+            worker.join(timeout=1)
         if delete_api is not None:
             delete_api.stop()
 
@@ -168,18 +255,27 @@ class Daemon:
         self._register()
         watcher = threading.Thread(target=self._watch, name="pgwshard-watch", daemon=True)
         watcher.start()
+        for worker in self.workers:
+            worker.start()
         deadline = time.monotonic() + timeout
         while not self.stop.is_set() and time.monotonic() < deadline:
             self.step(timeout=max(0.01, min(self._wait_time(), deadline - time.monotonic())))
-            if self.damper.applied is not None and not self._dirty:
+            if self.synced:
                 break
+        synced = self.synced
         self.stop.set()
         watcher.join(timeout=1)  # a blocking Consul query may outlive this; the thread is a daemon
-        synced = self.damper.applied is not None and not self._dirty
-        if synced and self.rebalancer is not None and self._ring.members:
+        ring, instances = self.placement
+        if synced and self.rebalancer is not None and ring.members:
             time.sleep(self.settings.rebalance.settle)  # until the gateways follow the new set
-            log.info("reconciliation: %s", self.rebalancer.reconcile(self._ring, sorted(self.known)))
+            log.info("reconciliation: %s", self.rebalancer.reconcile(ring, instances))
         return synced
+
+    @property
+    def synced(self) -> bool:
+        """Every sink holds the applied set."""
+        applied = self.damper.applied
+        return applied is not None and all(w.synced == applied and not w.pending for w in self.workers)
 
     def _register(self) -> None:
         """Register the configured pushgateways in Consul, if asked to. Idempotent, so it runs at
@@ -200,13 +296,13 @@ class Daemon:
                 for snapshot in self.source.watch(self.stop):
                     self._snapshots.put(snapshot)
             except Exception as err:  # noqa: BLE001 - a broken source must not end the daemon
-                log.error("health source failed: %r; restarting it", err)
+                log.exception("health source failed; restarting it")
                 self._snapshots.put(HealthSnapshot(None, error=repr(err)))
                 self.stop.wait(1.0)
 
     def _wait_time(self) -> float:
         deadline = self.damper.next_deadline()
-        wait = 1.0 if not self._dirty else SINK_RETRY_SECONDS
+        wait = 1.0
         if deadline is not None:
             wait = min(wait, max(0.01, deadline - time.monotonic()))
         return wait
@@ -219,10 +315,24 @@ class Daemon:
                 self._take(self._snapshots.get_nowait())
         except queue.Empty:
             pass
+        self._check_stale()
         self._apply(self.damper.decide() if self._had_good else None)
         self.metrics.show_members(self.known, self._healthy, self.damper.applied or frozenset())
 
+    def _check_stale(self) -> None:
+        """A source whose query hangs past its `stale_after` is down, as if it had failed."""
+        stale_after = getattr(self.source, "stale_after", None)
+        if stale_after is None or self._source_failing:
+            return
+        if time.monotonic() - self._last_snapshot > stale_after:
+            self._source_failing = True
+            self.metrics.source_up.set(0)
+            self.metrics.source_errors.inc()
+            log.warning("health source has not answered for %.0f s; keeping %d members", stale_after,
+                        len(self.damper.applied or ()))
+
     def _take(self, snapshot: HealthSnapshot) -> None:
+        self._last_snapshot = time.monotonic()
         self.metrics.watch_latency.observe(snapshot.query_seconds)
         if snapshot.members is None:
             self._source_failing = True
@@ -234,14 +344,18 @@ class Daemon:
         if self._source_failing:
             log.info("health source is back; removals wait %gs while its view settles", self.damper.hold_down)
             self.damper.settle()
-            self._register()
+        if self._source_failing or snapshot.reset:
+            self._register()  # an agent that restarted lost what was registered there
         self._source_failing = False
         self.metrics.source_up.set(1)
         self.metrics.source_last_success.set_to_current_time()
-        self._healthy = snapshot.members
+        healthy = frozenset(self._configured.get(m.name, m) for m in snapshot.members)
+        self._healthy = healthy
         self._had_good = True
-        self.known |= snapshot.members
-        self.damper.observe(snapshot.members)
+        if not healthy <= self.known:
+            self.known = self.known | healthy
+            self.placement = (self._ring, tuple(sorted(self.known)))
+        self.damper.observe(healthy)
 
     def _apply(self, wanted: frozenset[Member] | None) -> None:
         if wanted is None:
@@ -258,24 +372,18 @@ class Daemon:
             self.metrics.members.set(len(wanted))
             self.metrics.changes.inc()
             self._ring = Ring(wanted)
-            self._dirty = {s.name: wanted for s in self.sinks}
+            self.placement = (self._ring, tuple(sorted(self.known)))
             self._changed_at = time.monotonic()
+            for worker in self.workers:
+                worker.offer(wanted)
             self._rebalance_wanted.set()
         if self.damper.applied is None:
             return  # every member refused the tombstones so far: nothing written yet
         if time.monotonic() >= self._next_resync:
-            self._dirty = {s.name: self.damper.applied for s in self.sinks}
+            for worker in self.workers:
+                worker.offer(self.damper.applied)
             self._next_resync = time.monotonic() + self.resync_interval
-        for sink in self.sinks:
-            if sink.name not in self._dirty:
-                continue
-            try:
-                sink.apply(sorted(self._dirty[sink.name]))
-                del self._dirty[sink.name]
-            except UpstreamError as err:
-                self.metrics.sync_errors.labels(sink.name).inc()
-                log.error("sink %s failed, will retry: %s", sink.name, err)
-        if not self._dirty and self.sinks:
+        if self.workers and self.synced:
             self.metrics.last_good_sync = time.time()
 
     def _admit(self, wanted: frozenset[Member], old: frozenset[Member]) -> frozenset[Member]:
@@ -315,13 +423,14 @@ class Daemon:
                 follow_up_at = None
             if self.stop.is_set():
                 return
-            if self.damper.applied is None or not self._ring.members:
+            ring, instances = self.placement  # one immutable snapshot for the whole pass
+            if self.damper.applied is None or not ring.members:
                 continue
             try:
-                report = self.rebalancer.reconcile(self._ring, sorted(self.known))
+                report = self.rebalancer.reconcile(ring, instances)
                 log.info("reconciliation: %s", report)
-            except Exception as err:  # noqa: BLE001 - a failed pass is retried at the next one
-                log.error("reconciliation failed: %r", err)
+            except Exception:  # noqa: BLE001 - a failed pass is retried at the next one
+                log.exception("reconciliation failed; the next pass retries")
 
 
     def _wait_settled(self) -> None:
@@ -376,8 +485,8 @@ def main(argv: Iterable[str] | None = None) -> None:
     if args.check:
         print(f"{args.config}: ok")
         return
-    configure_logging(settings.log_level, [settings.consul and settings.consul.token,
-                                           settings.kong and settings.kong.admin_token])
+    configure_logging(settings.log_level, [settings.consul.token if settings.consul else None,
+                                           settings.kong.admin_token if settings.kong else None])
     daemon = Daemon(settings)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.stop.set())

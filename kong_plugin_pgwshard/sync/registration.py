@@ -12,7 +12,8 @@ from collections.abc import Collection, Sequence
 import consul
 
 from ..core.ring import Member
-from ..errors import UpstreamError
+from ..errors import StatusError, UpstreamError
+from .health.consul import consul_error
 from .settings import ConsulSettings
 
 log = logging.getLogger("pgwshard.registration")
@@ -49,5 +50,15 @@ def sync_registrations(client: consul.Consul, settings: ConsulSettings, pushgate
                 client.agent.service.deregister(sid)
                 log.info("deregistered %s: no longer in the config", sid)
     except Exception as err:  # noqa: BLE001 - py-consul raises requests' and its own errors
-        raise UpstreamError(f"consul registration failed: {type(err).__name__}: {err}") from None
+        mapped = consul_error(err, settings.address, "registration")
+        if mapped is None:
+            raise
+        raise type(mapped)(f"consul registration failed: {mapped}", **_fields(mapped)) from err
     log.info("registered %d pushgateways in consul as %r", len(wanted), settings.service)
+
+
+def _fields(err: UpstreamError) -> dict:
+    fields: dict = {"target": err.target}
+    if isinstance(err, StatusError):
+        fields.update(status=err.status, body=err.body)
+    return fields

@@ -2,7 +2,9 @@
 
 Every error names the key path and the file, e.g.
     consul.wait: expected a duration like '30s', got 'soon' (in /etc/pgwshard.yml)
-Unknown keys are errors too (a typo must not silently fall back to a default). Secrets may come
+Unknown keys are errors too (a typo must not silently fall back to a default), and every value
+is checked here, at start and by `--check`: addresses, URLs, durations, files that must exist,
+the declarative file's shape. Nothing that passes crashes later for its shape. Secrets may come
 from the environment (CONSUL_HTTP_TOKEN, KONG_ADMIN_TOKEN) and are left out of every repr.
 kong/pgwshard.yml is a commented example of every key.
 """
@@ -12,11 +14,14 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, overload
+from urllib.parse import urlsplit
 
 import yaml
 
-from ..core.ring import Member
+from ..clients.kong import upstreams_of
+from ..core.ring import DEFAULT_WEIGHT, Member
 from ..errors import ConfigError
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)\Z")
@@ -68,6 +73,7 @@ class KongSettings:
     upstream: str = "pushgateways"
     declarative_file: str | None = None
     nodes: tuple[str, ...] = ()
+    proxy: str | None = field(default=None, repr=False)  # may carry credentials
 
 
 @dataclass(frozen=True)
@@ -141,6 +147,11 @@ class _Section:
     def has(self, key: str) -> bool:
         return self.data.get(key) is not None
 
+    @overload
+    def string(self, key: str, default: str, choices: tuple[str, ...] = ()) -> str: ...
+    @overload
+    def string(self, key: str, default: None = None, choices: tuple[str, ...] = ()) -> str | None: ...
+
     def string(self, key: str, default: str | None = None, choices: tuple[str, ...] = ()) -> str | None:
         value = self._get(key, default)
         if value is not None and not isinstance(value, str):
@@ -172,6 +183,27 @@ class _Section:
             raise self.error(key, f"must be at least {minimum}s, got {value!r}")
         return seconds
 
+    @overload
+    def url(self, key: str, default: str, value: Any = None) -> str: ...
+    @overload
+    def url(self, key: str, default: None = None, value: Any = None) -> str | None: ...
+
+    def url(self, key: str, default: str | None = None, value: Any = None) -> str | None:
+        """An http(s) URL with a host (and a port in range, if given); `value` checks a list item."""
+        value = self._get(key, default) if value is None else value
+        if value is None:
+            return None
+        problem = _url_problem(value)
+        if problem:
+            raise self.error(key, f"expected an http:// or https:// URL with a host, got {value!r}: {problem}")
+        return value.rstrip("/")
+
+    def existing_file(self, key: str) -> str | None:
+        value = self.string(key)
+        if value is not None and not Path(value).is_file():
+            raise self.error(key, f"no such file: {value!r}")
+        return value
+
     def list(self, key: str) -> list:
         value = self._get(key, [])
         if not isinstance(value, list):
@@ -200,6 +232,54 @@ def _parse_duration(value: Any) -> float | None:
     return None
 
 
+def _url_problem(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return "not a string"
+    try:
+        url = urlsplit(value.strip())
+        port = url.port  # ValueError when out of range or not a number
+    except ValueError as err:
+        return str(err)
+    if url.scheme not in ("http", "https"):
+        return "the scheme must be http or https"
+    if not url.hostname:
+        return "no host"
+    if port == 0 or any(c.isspace() for c in value.strip()):
+        return "bad port" if port == 0 else "contains spaces"
+    return None
+
+
+def _listen_problem(value: str) -> str | None:
+    """host:port as the metrics server binds it (an empty host: every address; port 0: one the
+    system picks, as tests do)."""
+    match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^:\s\[\]/]*):(\d{1,5})", value)
+    if not match:
+        return "expected host:port (e.g. 127.0.0.1:9550, or :9550 for every address)"
+    if not 0 <= int(match[2]) < 65536:
+        return "port out of range"
+    return None
+
+
+def _pushgateway(top: _Section, i: int, entry: Any) -> Member:
+    """`host:port`, or `{address: host:port, weight: N}` (weight 0 drains it: no groups)."""
+    key = f"pushgateways[{i}]"
+    if isinstance(entry, Mapping):
+        item = _Section(entry, key, top.source)
+        address = item.string("address")
+        if not address:
+            raise item.error("address", "is required (host:port)")
+        weight = item.number("weight", DEFAULT_WEIGHT, integer=True)
+        item.done()
+    elif isinstance(entry, str):
+        address, weight = entry, DEFAULT_WEIGHT
+    else:
+        raise top.error(key, f"expected host:port or {{address, weight}}, got {entry!r}")
+    try:
+        return Member.parse(address, weight)
+    except ValueError as err:
+        raise top.error(key, str(err)) from None
+
+
 def load_settings(path: str, environ: Mapping[str, str] = os.environ) -> Settings:
     """Read and validate a config file; raises ConfigError naming the key and the file."""
     try:
@@ -214,12 +294,11 @@ def load_settings(path: str, environ: Mapping[str, str] = os.environ) -> Setting
 
 def parse_settings(data: Any, source: str, environ: Mapping[str, str] = os.environ) -> Settings:
     top = _Section(data, "", source)
-    pushgateways = []
-    for i, text in enumerate(top.list("pushgateways")):
-        try:
-            pushgateways.append(Member.parse(str(text)))
-        except ValueError as err:
-            raise top.error(f"pushgateways[{i}]", str(err)) from None
+    pushgateways = [_pushgateway(top, i, entry) for i, entry in enumerate(top.list("pushgateways"))]
+    names = [m.name for m in pushgateways]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise top.error(f"pushgateways[{i}]", f"{name} is listed twice")
 
     consul = _consul(top.section("consul"), environ) if top.has("consul") else None
     health = top.section("health")
@@ -243,6 +322,8 @@ def parse_settings(data: Any, source: str, environ: Mapping[str, str] = os.envir
         path = sd.string("path")
         if not path:
             raise sd.error("path", "is required")
+        if Path(path).is_dir():
+            raise sd.error("path", f"is a directory: {path!r}")
         labels = sd._get("labels", {})
         if not isinstance(labels, Mapping) or not all(isinstance(v, str) for v in labels.values()):
             raise sd.error("labels", "expected a mapping of label names to strings")
@@ -265,7 +346,10 @@ def parse_settings(data: Any, source: str, environ: Mapping[str, str] = os.envir
             raise d.error("listen", f"expected host:port, got {deletes.listen!r}")
         d.done()
     metrics = top.section("metrics")
-    listen = metrics.string("listen", "127.0.0.1:9550")
+    listen = metrics.string("listen", "127.0.0.1:9550") or ""
+    problem = _listen_problem(listen)
+    if problem:
+        raise metrics.error("listen", f"{problem}, got {listen!r}")
     metrics.done()
     log = top.section("log")
     level = log.string("level", "info", choices=("debug", "info", "warning", "error"))
@@ -283,17 +367,22 @@ def _probes(s: _Section) -> ProbeSettings:
 
 
 def _consul(s: _Section, environ: Mapping[str, str]) -> ConsulSettings:
-    address = s.string("address", "http://127.0.0.1:8500")
-    if not re.match(r"https?://[^/\s]+/?\Z", address):
-        raise s.error("address", f"expected http(s)://host:port, got {address!r}")
+    address = s.url("address", "http://127.0.0.1:8500") or ""
+    if urlsplit(address).path not in ("", "/"):
+        raise s.error("address", f"expected http(s)://host:port without a path, got {address!r}")
     tls = s.section("tls")
-    tls_settings = TLSSettings(tls.string("ca_file"), tls.string("cert_file"), tls.string("key_file"),
-                               tls.boolean("verify", True))
+    tls_settings = TLSSettings(tls.existing_file("ca_file"), tls.existing_file("cert_file"),
+                               tls.existing_file("key_file"), tls.boolean("verify", True))
+    if bool(tls_settings.cert_file) != bool(tls_settings.key_file):
+        raise tls.error("cert_file" if tls_settings.key_file else "key_file", "cert_file and key_file go together")
     tls.done()
     backoff = s.list("backoff") or [0.5, 1, 2, 5, 10]
+    steps: list[float] = []
     for i, step in enumerate(backoff):
-        if _parse_duration(step) is None:
+        seconds = _parse_duration(step)
+        if seconds is None:
             raise s.error(f"backoff[{i}]", f"expected a duration, got {step!r}")
+        steps.append(seconds)
     reg = s.section("register")
     register = RegisterSettings(reg.boolean("enabled", False), reg.duration("check_interval", 1.0, minimum=1.0),
                                 reg.duration("check_timeout", 1.0, minimum=0.1),
@@ -303,20 +392,36 @@ def _consul(s: _Section, environ: Mapping[str, str]) -> ConsulSettings:
         address=address.rstrip("/"), service=s.string("service", "pushgateway"), tag=s.string("tag"),
         datacenter=s.string("datacenter"), token=s.string("token") or environ.get("CONSUL_HTTP_TOKEN") or None,
         tls=tls_settings, wait=s.duration("wait", 30.0, minimum=1.0),
-        backoff=tuple(_parse_duration(b) for b in backoff), register=register)
+        backoff=tuple(steps), register=register)
     s.done()
     return settings
 
 
 def _kong(s: _Section, environ: Mapping[str, str]) -> KongSettings:
     mode = s.string("mode", "admin", choices=("admin", "declarative"))
-    nodes = tuple(str(n).rstrip("/") for n in s.list("nodes"))
+    nodes = tuple(s.url(f"nodes[{i}]", value=n) or "" for i, n in enumerate(s.list("nodes")))
+    upstream = s.string("upstream", "pushgateways")
+    if not upstream:
+        raise s.error("upstream", "must not be empty")
     settings = KongSettings(
-        mode=mode, admin_url=s.string("admin_url", "http://127.0.0.1:8001").rstrip("/"),
+        mode=mode, admin_url=s.url("admin_url", "http://127.0.0.1:8001") or "",
         admin_token=s.string("admin_token") or environ.get("KONG_ADMIN_TOKEN") or None,
-        upstream=s.string("upstream", "pushgateways"), declarative_file=s.string("declarative_file"),
-        nodes=nodes)
+        upstream=upstream, declarative_file=s.string("declarative_file"),
+        nodes=nodes, proxy=s.url("proxy"))
     if mode == "declarative" and not settings.declarative_file:
         raise s.error("declarative_file", "is required when kong.mode is declarative")
+    if mode == "declarative" and settings.declarative_file:
+        _check_declarative(s, settings.declarative_file)
     s.done()
     return settings
+
+
+def _check_declarative(s: _Section, path: str) -> None:
+    """The declarative file must be readable and hold a config whose upstreams pgwshard can edit
+    (it is re-read at every write; a later bad edit is reported by the sink, not fatal)."""
+    try:
+        upstreams_of(yaml.safe_load(Path(path).read_text(encoding="utf-8")), path)
+    except OSError as err:
+        raise s.error("declarative_file", f"cannot read {path!r}: {err.strerror}") from None
+    except (yaml.YAMLError, ValueError) as err:
+        raise s.error("declarative_file", str(err)) from None

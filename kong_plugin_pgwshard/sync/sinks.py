@@ -16,7 +16,7 @@ from typing import Protocol
 
 import yaml
 
-from ..clients.kong import KongAdmin, KongBusy
+from ..clients.kong import KongAdmin, KongBusy, new_upstream, upstreams_of
 from ..core.file_sd import render_file_sd
 from ..core.ring import Member
 from ..errors import UpstreamError
@@ -85,14 +85,13 @@ class DeclarativeSink:
         """The user's declarative config, re-read each time, with only this upstream's targets replaced."""
         try:
             doc = yaml.safe_load(Path(self.declarative_file).read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as err:
-            raise UpstreamError(f"cannot read {self.declarative_file}: {err}") from None
-        if not isinstance(doc, dict) or not isinstance(doc.setdefault("upstreams", []), list):
-            raise UpstreamError(f"{self.declarative_file}: expected a declarative config mapping with a list of upstreams")
-        upstreams = doc["upstreams"]
+            upstreams = upstreams_of(doc, self.declarative_file)
+        except (OSError, yaml.YAMLError, ValueError) as err:
+            # the file is ours to read, not Kong's answer; the daemon logs, counts and retries it
+            raise UpstreamError(f"cannot use {self.declarative_file}: {err}", target=self.declarative_file) from None
         upstream = next((u for u in upstreams if u.get("name") == self.upstream), None)
-        if upstream is None:
-            upstream = {"name": self.upstream}
+        if upstream is None:  # created as ensure_upstream does; one in the file is the user's
+            upstream = new_upstream(self.upstream)
             upstreams.append(upstream)
         upstream["targets"] = [{"target": m.name, "weight": m.weight} for m in sorted(members)]
         return doc
@@ -152,9 +151,10 @@ def sinks_from_settings(settings: Settings) -> list[Sink]:
     sinks: list[Sink] = []
     kong: KongSettings | None = settings.kong
     if kong and kong.mode == "admin":
-        sinks.append(AdminApiSink(KongAdmin(kong.admin_url, kong.admin_token), kong.upstream))
+        sinks.append(AdminApiSink(KongAdmin(kong.admin_url, kong.admin_token, proxy=kong.proxy), kong.upstream))
     elif kong:
-        nodes = [KongAdmin(url, kong.admin_token) for url in (kong.nodes or (kong.admin_url,))]
+        assert kong.declarative_file is not None  # required in this mode (settings.py)
+        nodes = [KongAdmin(url, kong.admin_token, proxy=kong.proxy) for url in (kong.nodes or (kong.admin_url,))]
         sinks.append(DeclarativeSink(nodes, kong.declarative_file, kong.upstream))
     if settings.file_sd:
         sinks.append(FileSdSink(settings.file_sd))

@@ -74,3 +74,29 @@ def test_a_bad_path_is_reported_and_the_others_still_located():
 def test_bad_membership_is_a_clear_error():
     result = locate("--nodes", "127.0.0.1", "/metrics/job/x")
     assert result.returncode == 1 and "expected host:port" in result.stderr
+
+
+def test_locate_honours_weights_from_nodes_and_from_the_file():
+    weighted = [f"{NODES[0]}=0", f"{NODES[1]}=300", NODES[2], NODES[3]]
+    by_nodes = locate("--nodes", ",".join(weighted), *PATHS[-100:])
+    owners = {line.split("\t")[2] for line in by_nodes.stdout.splitlines()}
+    assert by_nodes.returncode == 0 and NODES[0] not in owners and owners == set(NODES[1:])
+    unweighted = locate("--nodes", ",".join(NODES[1:]), *PATHS[-100:])
+    assert by_nodes.stdout != unweighted.stdout  # weight 300 takes more than its equal share
+
+
+def test_locate_reads_the_weights_pgwshard_sync_writes(tmp_path):
+    from kong_plugin_pgwshard.core.file_sd import render_file_sd
+    from kong_plugin_pgwshard.core.members import Member
+
+    weighted = [f"{NODES[0]}=0", f"{NODES[1]}=300", NODES[2], NODES[3]]
+    sd = tmp_path / "members.json"
+    sd.write_text(render_file_sd([Member.parse_weighted(n) for n in weighted], {}))
+    by_file = locate("--nodes-file", str(sd), *PATHS[-100:])
+    by_nodes = locate("--nodes", ",".join(weighted), *PATHS[-100:])
+    assert by_file.returncode == 0 and by_file.stdout == by_nodes.stdout
+
+
+def test_a_bad_weight_is_a_clear_error():
+    result = locate("--nodes", f"{NODES[0]}=heavy", "/metrics/job/x")
+    assert result.returncode == 1 and "host:port=weight" in result.stderr

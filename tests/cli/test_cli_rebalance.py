@@ -65,3 +65,17 @@ def test_missing_or_bad_membership_is_a_clear_error():
     assert empty.returncode != 0 and "needs the ring's members" in empty.stderr
     bad = pgwshard("rebalance", "--nodes", "127.0.0.1:1", "--instances", "no-port")
     assert bad.returncode != 0 and "pgwshard: rebalance:" in bad.stderr
+
+
+def test_rebalance_drains_a_member_of_weight_zero(pushgateways):
+    """`--nodes a,b=0`: b stays a ring member that owns nothing, so its groups move to a."""
+    pgws = pushgateways(2)
+    keep, drain = pgws
+    for key in KEYS:
+        PushgatewayClient(drain.address).put_group(key, "jobs_done_total 1\n")
+
+    run = pgwshard("rebalance", "--nodes", f"{keep.address},{drain.address}=0")
+
+    assert run.returncode == 0, run.stderr
+    assert f"moved={len(KEYS)} " in run.stdout
+    assert holdings(pgws) == {keep.address: set(KEYS), drain.address: set()}

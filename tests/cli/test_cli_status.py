@@ -133,6 +133,29 @@ def test_config_with_kong_reads_the_targets_and_their_weights(pushgateways, kong
     assert TOKEN not in run.stdout + run.stderr
 
 
+def test_config_with_weighted_pushgateways_and_the_file_pgwshard_sync_writes(pushgateways, tmp_path):
+    """`{address, weight}` entries (pgwshard.yml's weights) were read as strings: status exited
+    with "expected host:port"; the file's weights were lost (every member weighed 100)."""
+    from kong_plugin_pgwshard.core.file_sd import render_file_sd
+
+    pgws = pushgateways(2)
+    members = [Member.parse(pgws[0].address), Member.parse(pgws[1].address, 0)]
+    sd = tmp_path / "members.json"
+    sd.write_text(render_file_sd(members, {}))
+    put(pgws[1].address, KEYS[0])  # held by the drained one: misplaced
+    config = tmp_path / "pgwshard.yml"
+    config.write_text(json.dumps({"pushgateways": [pgws[0].address, {"address": pgws[1].address, "weight": 0}],
+                                  "file_sd": {"path": str(sd)}}))
+
+    run = pgwshard("status", "--config", str(config), "--json")
+
+    assert run.returncode == 1, run.stderr
+    report = json.loads(run.stdout)
+    assert {m["pushgateway"]: m["in_ring"] for m in report["members"]} == {pgws[0].address: True,
+                                                                            pgws[1].address: False}
+    assert report["misplaced"] == [{"group": str(KEYS[0]), "on": [pgws[1].address], "owner": pgws[0].address}]
+
+
 def test_a_config_that_cannot_be_read_is_a_clear_error(tmp_path):
     nothing = pgwshard("status")
     assert nothing.returncode != 0 and "status needs the ring's members" in nothing.stderr

@@ -15,7 +15,14 @@ import pytest
 from kong_plugin_pgwshard.clients.pushgateway import PushgatewayClient
 from kong_plugin_pgwshard.core.grouping import GroupingKey
 from kong_plugin_pgwshard.core.ring import Member, Ring
-from kong_plugin_pgwshard.harness.processes import ManagedProcess, Pushgateway, free_port, http_get, temp_dir, wait_until
+from kong_plugin_pgwshard.harness.processes import (
+    ManagedProcess,
+    Pushgateway,
+    free_port,
+    http_get,
+    temp_dir,
+    wait_until,
+)
 from kong_plugin_pgwshard.harness.prometheus import Prometheus
 from tests.support import REPO
 

@@ -408,10 +408,8 @@ def schema_errors(schema: Any) -> list[str]:
         # init.lua Schema.new_subschema: only the plugin entity's fields, with their types
         if name not in PLUGIN_ENTITY_FIELDS:
             errors.append(f"error in definition of '{schema.get('name')}': {name}: cannot create a new field")
-        elif isinstance(field, dict) and field.get("type") != PLUGIN_ENTITY_FIELDS[name]:
-            errors.append(f"error in definition of '{schema.get('name')}': {name}: "
-                          "cannot change type in a specialized field")
-        elif name in ("protocols", "tags") and field.get("elements", {}).get("type") != "string":
+        elif (isinstance(field, dict) and field.get("type") != PLUGIN_ENTITY_FIELDS[name]
+              or name in ("protocols", "tags") and field.get("elements", {}).get("type") != "string"):
             errors.append(f"error in definition of '{schema.get('name')}': {name}: "
                           "cannot change type in a specialized field")
     return errors

@@ -212,3 +212,25 @@ def test_a_big_change_is_logged_in_one_short_line(tmp_path, caplog):
         source.close()
     [line] = [r.getMessage() for r in caplog.records]
     assert "now 200 members" in line and "and 180 more" in line and len(line) < 1000
+
+
+def test_the_plugin_routes_by_the_weights_in_the_file_as_kong_would(plugin_server_factory, kong_admin, tmp_path):
+    """The file carries pgwshard-sync's weights: a plugin following it sends every push where a
+    plugin following Kong's weighted targets does (before, every member of the file weighed 100)."""
+    members = [Member.parse(A, 300), Member.parse(B), Member.parse("127.0.0.1:9403", 0)]
+    sd = tmp_path / "sd.json"
+    FileSdSink(FileSdSettings(str(sd))).apply(members)
+    kong = kong_admin()
+    kong.add_upstream("pushgateways")
+    for m in members:
+        kong.add_target("pushgateways", m.name, m.weight)
+    server = plugin_server_factory()
+    rpc = KongRPC(server.socket_path)
+    by_file = rpc.start_instance("pgwshard", {"membership": "file", "membership_file": str(sd)})
+    by_kong = rpc.start_instance("pgwshard", {"membership": "upstream", "upstream": "pushgateways",
+                                              "admin_url": kong.url})
+    paths = [f"/metrics/job/w/instance/{i}" for i in range(200)]
+    routed = [run_access(rpc, by_file, Request(p)).target for p in paths]
+    assert routed == [run_access(rpc, by_kong, Request(p)).target for p in paths]
+    assert ("127.0.0.1", 9403) not in routed and routed.count(("127.0.0.1", 9401)) > routed.count(("127.0.0.1", 9402))
+    rpc.close()

@@ -105,8 +105,8 @@ def _topologies_section() -> str:
 def test_the_readme_topologies_give_kong_conf_lines_and_pgwshard_yml_that_hold():
     import yaml
 
-    from tests.plugin.test_kong_config import kong_conf
     from kong_plugin_pgwshard.sync.settings import parse_settings
+    from tests.plugin.test_kong_config import kong_conf
     from tests.support import REPO
 
     section = _topologies_section()

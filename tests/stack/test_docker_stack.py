@@ -91,6 +91,17 @@ def _bind_mounts(service: str) -> dict[str, Path]:
     return mounts
 
 
+def _daemon_config_on_host(tmp_path: Path) -> Path:
+    """The pgwshard-sync container's config with each file it names moved to its bind mount's
+    host path: pgwshard-sync checks at load that the files exist."""
+    mounts = _bind_mounts("pgwshard-sync")
+    config = yaml.safe_load(mounts[_daemon_command_config()].read_text())
+    config["kong"]["declarative_file"] = str(mounts[config["kong"]["declarative_file"]])
+    on_host = tmp_path / "pgwshard.yml"
+    on_host.write_text(yaml.safe_dump(config))
+    return on_host
+
+
 def _published(service: str) -> dict[int, tuple[str, int]]:
     """container port -> (host ip, host port) of a service's published ports."""
     published = {}
@@ -140,7 +151,7 @@ def test_compose_file_names_the_whole_stack():
 
 
 def test_published_ports_listen_on_loopback_only():
-    for name, service in _compose()["services"].items():
+    for name in _compose()["services"]:
         for container_port, (host_ip, _) in _published(name).items():
             assert host_ip == "127.0.0.1", f"{name}:{container_port} is published on {host_ip}"
     assert set(_published("kong")) == {8000, 8001}
@@ -322,11 +333,11 @@ def test_daemon_reaches_consul_kong_and_is_scraped():
     assert compose["services"]["prometheus"]["command"][0] == "--config.file=/etc/prometheus/prometheus.yml"
 
 
-def test_daemon_config_loads_with_the_daemons_own_validation():
+def test_daemon_config_loads_with_the_daemons_own_validation(tmp_path):
     from kong_plugin_pgwshard.sync.settings import load_settings
     from kong_plugin_pgwshard.sync.sinks import DeclarativeSink, sinks_from_settings
 
-    path = _bind_mounts("pgwshard-sync")[_daemon_command_config()]
+    path = _daemon_config_on_host(tmp_path)
     settings = load_settings(str(path), environ={})  # unknown or misspelt keys raise ConfigError
     assert [m.name for m in settings.pushgateways] == [f"{name}:9091" for name in PUSHGATEWAYS]
     assert settings.source == "consul" and settings.consul.register.enabled
@@ -365,7 +376,7 @@ def stack_plugin_server(tmp_path):
         server.stop()
 
 
-def test_stack_routes_pushes_to_the_healthy_compose_pushgateways(stack_plugin_server):
+def test_stack_routes_pushes_to_the_healthy_compose_pushgateways(stack_plugin_server, tmp_path):
     """The stack's own files end to end, Kong replaced by its Admin API double and this test:
     pgwshard-sync's sink (docker/pgwshard.yml) loads docker/kong.yml with the healthy set into
     Kong's /config; the plugin (configured by docker/kong.yml, started by the image's command)
@@ -383,9 +394,8 @@ def test_stack_routes_pushes_to_the_healthy_compose_pushgateways(stack_plugin_se
     admin = KongAdminDouble(db_less=True).start()
     rpc = KongRPC(stack_plugin_server)
     try:
-        settings = load_settings(str(_bind_mounts("pgwshard-sync")[_daemon_command_config()]), environ={})
-        on_host = str(_bind_mounts("pgwshard-sync")[settings.kong.declarative_file])
-        settings = replace(settings, kong=replace(settings.kong, nodes=(admin.url,), declarative_file=on_host))
+        settings = load_settings(str(_daemon_config_on_host(tmp_path)), environ={})
+        settings = replace(settings, kong=replace(settings.kong, nodes=(admin.url,)))
         [sink] = sinks_from_settings(settings)
         healthy = [m for m in settings.pushgateways if m.host != "pushgateway-2"]  # -2 is down
         sink.apply(healthy)

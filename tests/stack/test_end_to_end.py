@@ -12,6 +12,7 @@ import json
 import sys
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 
 import pytest
 import yaml
@@ -48,30 +49,36 @@ def call(url: str, method: str = "PUT", body: bytes = b"# TYPE e2e_items counter
 
 
 class World:
-    def __init__(self, consul):
+    def __init__(self, consul, rebalance: bool = False, with_prometheus: bool = True):
         self.consul = consul
+        self.rebalance = rebalance
         self.pgws = [Pushgateway().start() for _ in range(4)]
         self.dir = temp_dir("pgwshard-e2e-")
         self.members_file = f"{self.dir}/members.json"
-        config = f"{self.dir}/pgwshard.yml"
-        with open(config, "w") as f:
-            yaml.safe_dump({
-                "pushgateways": [p.address for p in self.pgws],
-                "consul": {"address": consul.url, "wait": "5s",
-                           "register": {"enabled": True, "check_interval": "1s", "check_timeout": "1s"}},
-                "membership": {"hold_down": "2s"},
-                "file_sd": {"path": self.members_file},
-                "rebalance": {"enabled": False},
-                "metrics": {"listen": "127.0.0.1:0"},
-            }, f)
-        self.daemon = ManagedProcess("pgwshard-sync", [sys.executable, "-m", "kong_plugin_pgwshard.sync.daemon",
-                                                        "--config", config]).start()
+        self.daemon = self.start_daemon()
         wait_until(lambda: len(self.members()) == 4, 30, what="all four healthy in Consul and in the file")
         self.server = PluginServer().start()
         self.host = NginxHost(self.server.socket_path, {"membership": "file", "membership_file": self.members_file,
                                                         "refresh_interval": 0.5},
                               [p.address for p in self.pgws]).start()
-        self.prometheus = Prometheus([p.address for p in self.pgws]).start()
+        self.prometheus = Prometheus([p.address for p in self.pgws]).start() if with_prometheus else None
+
+    def start_daemon(self, weights: dict[str, int] | None = None) -> ManagedProcess:
+        """pgwshard-sync on a config listing the pushgateways, with `weights` by address."""
+        config = f"{self.dir}/pgwshard.yml"
+        with open(config, "w") as f:
+            yaml.safe_dump({
+                "pushgateways": [{"address": p.address, "weight": (weights or {}).get(p.address, 100)}
+                                 for p in self.pgws],
+                "consul": {"address": self.consul.url, "wait": "5s",
+                           "register": {"enabled": True, "check_interval": "1s", "check_timeout": "1s"}},
+                "membership": {"hold_down": "2s"},
+                "file_sd": {"path": self.members_file},
+                "rebalance": {"enabled": self.rebalance, "max_ops_per_second": 200},
+                "metrics": {"listen": "127.0.0.1:0"},
+            }, f)
+        return ManagedProcess("pgwshard-sync", [sys.executable, "-m", "kong_plugin_pgwshard.sync.daemon",
+                                                "--config", config]).start()
 
     def members(self) -> set[str]:
         try:
@@ -89,21 +96,36 @@ class World:
 
     def stop(self):
         for part in (self.prometheus, self.host, self.server, self.daemon, *self.pgws):
-            part.stop()
+            if part is not None:
+                part.stop()
 
 
-@pytest.fixture(scope="module")
-def world():
+@contextmanager
+def a_world(**options):
     from kong_plugin_pgwshard.harness.processes import Consul
     consul = Consul().start()
     w = None
     try:
-        w = World(consul)
+        w = World(consul, **options)
         yield w
     finally:
         if w:
             w.stop()
         consul.stop()
+
+
+@pytest.fixture(scope="module")
+def world():
+    """Shared by the tests that only push and read: none of them changes membership."""
+    with a_world() as w:
+        yield w
+
+
+@pytest.fixture
+def own_world():
+    """A stack of its own, for a test that kills or drains a pushgateway."""
+    with a_world(with_prometheus=False) as w:
+        yield w
 
 
 def test_pushes_spread_over_every_instance_each_on_its_owner(world):
@@ -157,7 +179,8 @@ def test_prometheus_sees_each_group_from_exactly_one_instance(world):
         {p.address for p in world.pgws}
 
 
-def test_killing_one_instance_moves_only_its_groups(world):
+def test_killing_one_instance_moves_only_its_groups(own_world):
+    world = own_world
     paths = [f"/metrics/job/kill/instance/k{i}" for i in range(60)]
     for path in paths:
         assert call(world.host.url + path) == 200
@@ -175,3 +198,26 @@ def test_killing_one_instance_moves_only_its_groups(world):
             assert world.holders(key) == [owners[path]], path  # untouched groups stay where they were
         else:
             assert world.holders(key) == [after.owner(key).name], path
+
+
+def test_draining_a_pushgateway_moves_its_groups_and_pushes_keep_landing_on_owners():
+    """Weight 0 in pgwshard.yml drains a pushgateway: it takes no new groups, the rebalancer moves
+    its groups to their owners, and every group ends on exactly one instance."""
+    with a_world(rebalance=True, with_prometheus=False) as world:
+        paths = [f"/metrics/job/drain/instance/d{i}" for i in range(60)]
+        for path in paths:
+            assert call(world.host.url + path) == 200
+        drained = world.pgws[0]
+        assert drained.groups()  # 60 keys over four equal members: it holds some
+        world.daemon.stop()
+        world.daemon = world.start_daemon(weights={drained.address: 0})
+        wait_until(lambda: drained.address not in world.members() and len(world.members()) == 3, 30,
+                   what="the drained instance leaves the file the plugin reads")
+        wait_until(lambda: drained.groups() == [], 60, what="its groups moved away")
+        ring = world.ring()
+        for path in paths:  # pushes keep landing on owners, none on the drained one
+            assert call(world.host.url + path) == 200
+        for path in paths:
+            key = parse_push_path(path)
+            assert world.holders(key) == [ring.owner(key).name], path  # one copy, on its owner
+        assert drained.groups() == [] and drained.running

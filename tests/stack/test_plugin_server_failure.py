@@ -11,10 +11,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import threading
-import re
 import time
 import urllib.error
 import urllib.request
@@ -276,7 +276,7 @@ class PushLoad:
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(paths,), daemon=True) for paths in self.paths]
 
-    def start(self) -> "PushLoad":
+    def start(self) -> PushLoad:
         for t in self._threads:
             t.start()
         return self

@@ -156,8 +156,8 @@ class KongAdminDouble:
         """The upstream's targets as Kong lists them, sorted."""
         return sorted(t["target"] for t in self.listed(upstream))
 
-    def add_upstream(self, name: str, targets: list[str] = ()) -> None:
-        self.upstreams[name] = {"id": str(uuid.uuid4()), "name": name}
+    def add_upstream(self, name: str, targets: list[str] = (), **fields) -> None:
+        self.upstreams[name] = {"id": str(uuid.uuid4()), "name": name, **fields}
         self.targets[name] = []
         for target in targets:
             self.add_target(name, target)
@@ -305,7 +305,11 @@ class KongAdminDouble:
                                                 "message": f"UNIQUE violation detected on '{{name=\"{body['name']}\"}}'",
                                                 "fields": {"name": body["name"]}})
                     double.writes.append((method, "/upstreams"))
-                    double.add_upstream(body["name"])
+                    # kong/db/schema/entities/upstreams.lua: a hash_on other than none makes the
+                    # algorithm consistent-hashing (the shorthand); round-robin is the default
+                    fields = {"hash_on": body.get("hash_on", "none")}
+                    fields["algorithm"] = "round-robin" if fields["hash_on"] == "none" else "consistent-hashing"
+                    double.add_upstream(body["name"], **fields)
                     return self._send(201, double.upstreams[body["name"]])
                 name = self._upstream(parts[1])
                 if name is None:  # kong/api/endpoints.lua: an unknown upstream is 404 first

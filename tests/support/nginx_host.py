@@ -48,7 +48,7 @@ class RPCRelay:
         self._sockets: list[socket.socket] = []
         self._listener: socket.socket | None = None
 
-    def start(self) -> "RPCRelay":
+    def start(self) -> RPCRelay:
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(self.path)
         os.chmod(self.path, 0o777)  # nginx workers may run as another user

@@ -57,7 +57,7 @@ class ScriptedPluginServer:
         self._listener: socket.socket | None = None
         self._clients: list[socket.socket] = []
 
-    def start(self) -> "ScriptedPluginServer":
+    def start(self) -> ScriptedPluginServer:
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(self.path)
         os.chmod(self.path, 0o666)  # nginx workers run as another user
@@ -76,7 +76,7 @@ class ScriptedPluginServer:
         with self._lock:
             return [method for method, _ in self.calls]
 
-    def __enter__(self) -> "ScriptedPluginServer":
+    def __enter__(self) -> ScriptedPluginServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -8,7 +8,7 @@ import time
 from kong_plugin_pgwshard.harness.processes import wait_until
 from kong_plugin_pgwshard.sync.daemon import Daemon
 from kong_plugin_pgwshard.sync.settings import parse_settings
-from tests.sync.test_daemon import running
+from tests.support.daemon import running
 
 
 def value(daemon: Daemon, name: str, **labels) -> float | None:
@@ -36,8 +36,11 @@ def test_a_consul_outage_stops_the_last_success_timestamp_while_the_sinks_stay_i
         try:
             wait_until(lambda: value(daemon, "pgwshard_health_source_up") == 0, 30, what="outage reported")
             frozen = value(daemon, stamp)
-            time.sleep(2)  # the outage lasts: the stamp must not move, the sinks stay "in sync"
-            assert value(daemon, stamp) == frozen < time.time() - 2
+            errors = value(daemon, "pgwshard_health_source_errors_total")
+            # the outage lasts (two more failed queries): the stamp must not move, the sinks stay "in sync"
+            wait_until(lambda: value(daemon, "pgwshard_health_source_errors_total") >= errors + 2, 30,
+                       what="two more failed queries")
+            assert value(daemon, stamp) == frozen < time.time() - 1
             assert 0 <= value(daemon, "pgwshard_seconds_since_last_good_sync") < 1.5
         finally:
             consul.proc.send_signal(signal.SIGCONT)

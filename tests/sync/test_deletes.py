@@ -8,11 +8,11 @@ import pytest
 
 from kong_plugin_pgwshard.core.grouping import GroupingKey
 from kong_plugin_pgwshard.core.ring import Member, Ring
+from kong_plugin_pgwshard.errors import ConfigError
 from kong_plugin_pgwshard.harness.processes import Pushgateway, free_port, wait_until
 from kong_plugin_pgwshard.sync.daemon import Daemon
 from kong_plugin_pgwshard.sync.deletes import Tombstones
 from kong_plugin_pgwshard.sync.settings import parse_settings
-from kong_plugin_pgwshard.errors import ConfigError
 from tests.support.daemon import file_members, running
 
 

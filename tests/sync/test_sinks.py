@@ -9,7 +9,6 @@ import pytest
 import yaml
 
 from kong_plugin_pgwshard.clients.kong import KongAdmin
-from tests.support.kong_admin_double import kong_target
 from kong_plugin_pgwshard.core.ring import Member
 from kong_plugin_pgwshard.errors import UpstreamError
 from kong_plugin_pgwshard.sync.settings import FileSdSettings, KongSettings, Settings
@@ -19,6 +18,7 @@ from kong_plugin_pgwshard.sync.sinks import (
     FileSdSink,
     sinks_from_settings,
 )
+from tests.support.kong_admin_double import kong_target
 
 A, B, C = (Member.parse(f"10.0.0.{i}:9091") for i in (1, 2, 3))
 
@@ -29,6 +29,25 @@ def test_admin_sink_creates_the_upstream_and_makes_targets_equal(kong_admin):
     sink.apply([A, B])
     assert kong.target_names("pushgateways") == [A.name, B.name]
     assert ("POST", "/upstreams") in kong.writes
+
+
+def test_an_upstream_pgwshard_creates_hashes_on_the_path_and_one_that_exists_is_left_alone(kong_admin, tmp_path):
+    """As kong/kong.yml ships it: a push Kong lets through without the plugin lands on one target
+    per path (it went round-robin over every target, a copy of the group on each in turn)."""
+    kong = kong_admin()
+    AdminApiSink(KongAdmin(kong.url), "pushgateways").apply([A, B])
+    created = kong.upstreams["pushgateways"]
+    assert (created["hash_on"], created["algorithm"]) == ("path", "consistent-hashing")
+    kong.add_upstream("theirs", hash_on="header", hash_on_header="x-tenant")
+    AdminApiSink(KongAdmin(kong.url), "theirs").apply([A])
+    assert kong.upstreams["theirs"]["hash_on"] == "header"  # the owner's choice stays
+
+    node = kong_admin(db_less=True)
+    declarative = tmp_path / "kong.yml"
+    declarative.write_text("_format_version: '3.0'\nupstreams: [{name: theirs, hash_on: ip}]\n")
+    DeclarativeSink([KongAdmin(node.url)], str(declarative), "pushgateways").apply([A])
+    upstreams = {u["name"]: u for u in node.config["upstreams"]}
+    assert upstreams["pushgateways"]["hash_on"] == "path" and upstreams["theirs"] == {"name": "theirs", "hash_on": "ip"}
 
 
 def test_admin_sink_makes_the_fewest_writes(kong_admin):

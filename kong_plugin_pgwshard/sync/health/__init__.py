@@ -21,9 +21,14 @@ class HealthSnapshot:
     members: frozenset[Member] | None  # None: the source could not tell this time
     error: str | None = None
     query_seconds: float = 0.0  # how long the query behind this snapshot took
+    # the source started over (first answer, after an error, or Consul's index went backwards):
+    # whatever the daemon registered there may be gone
+    reset: bool = False
 
 
 class HealthSource(Protocol):
+    # optional attribute `stale_after`: seconds without a snapshot after which the source
+    # counts as down (a query that hangs); sources without it are never judged stale
     def watch(self, stop: threading.Event) -> Iterator[HealthSnapshot]:
         """Yield snapshots until `stop` is set; never raise for an unreachable backend."""
         ...

@@ -8,10 +8,11 @@ import concurrent.futures
 import logging
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator, Sequence
 
+from ...clients.http import HttpClient, Timeouts
 from ...core.ring import Member
+from ...errors import UpstreamError
 from ..settings import ProbeSettings
 from . import HealthSnapshot
 
@@ -30,14 +31,19 @@ class ProbeHealth:
         self.settings = settings
         self._healthy: dict[Member, bool] = {}
         self._streak: dict[Member, int] = {m: 0 for m in self.pushgateways}
+        # one pooled client per pushgateway, no retries: rise/fall already damp a lost probe
+        timeouts = Timeouts(min(settings.timeout, 1.0), settings.timeout)
+        self._clients = {m: HttpClient(f"http://{m.name}", timeout=timeouts, retries=0, pool_size=1)
+                         for m in self.pushgateways}
 
     def probe(self, member: Member) -> bool:
         """One probe: True only for a 200 within the timeout (Pushgateway answers 500 when its
         write queue is full, which is as unusable as down)."""
         try:
-            with urllib.request.urlopen(f"http://{member.name}/-/healthy", timeout=self.settings.timeout) as resp:
-                return resp.status == 200
-        except OSError:
+            self._clients[member].request("GET", "/-/healthy", ok=(200,))
+            return True
+        except UpstreamError as err:  # any failure, garbage answers included, is "unhealthy"
+            log.debug("probe of %s failed: %s", member.name, err)
             return False
 
     def observe(self, results: dict[Member, bool]) -> frozenset[Member]:
@@ -61,6 +67,6 @@ class ProbeHealth:
         with concurrent.futures.ThreadPoolExecutor(max(1, min(16, len(self.pushgateways)))) as pool:
             while not stop.is_set():
                 started = time.monotonic()
-                results = dict(zip(self.pushgateways, pool.map(self.probe, self.pushgateways)))
+                results = dict(zip(self.pushgateways, pool.map(self.probe, self.pushgateways), strict=True))
                 yield HealthSnapshot(self.observe(results), query_seconds=time.monotonic() - started)
                 stop.wait(max(0.0, self.settings.interval - (time.monotonic() - started)))

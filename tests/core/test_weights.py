@@ -1,0 +1,53 @@
+"""Weights reach every reader of membership: `--nodes host:port=weight` and the file_sd file
+pgwshard-sync writes build the same ring as the configured members (weight 0: owns nothing)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kong_plugin_pgwshard.core.file_sd import WEIGHT_LABEL, parse_file_sd, render_file_sd
+from kong_plugin_pgwshard.core.grouping import GroupingKey
+from kong_plugin_pgwshard.core.members import Member
+from kong_plugin_pgwshard.core.ring import Ring
+
+MEMBERS = [Member.parse("10.0.0.1:9091"), Member.parse("10.0.0.2:9091", 50),
+           Member.parse("10.0.0.3:9091", 0), Member.parse("[::1]:9091", 300)]
+KEYS = [GroupingKey.from_labels({"job": "w", "instance": f"i{n}"}) for n in range(300)]
+
+
+def owners(ring: Ring) -> list[str]:
+    return [ring.owner(k).name for k in KEYS]
+
+
+def test_file_sd_carries_weights_and_leaves_drained_members_out():
+    text = render_file_sd(MEMBERS, {"env": "prod"})
+    groups = json.loads(text)
+    assert groups[0] == {"targets": ["10.0.0.1:9091"], "labels": {"env": "prod"}}  # weight 100: no label
+    assert {g["labels"].get(WEIGHT_LABEL) for g in groups[1:]} == {"50", "300"}
+    read = parse_file_sd(text)
+    assert sorted(read) == sorted(m for m in MEMBERS if m.weight > 0)
+    # a ring built from the file puts every key where the configured members do (not on weights of 100)
+    assert owners(Ring(read)) == owners(Ring(MEMBERS))
+    assert owners(Ring(read)) != owners(Ring(Member(m.host, m.port) for m in read))
+
+
+def test_every_member_of_weight_100_keeps_the_old_one_group_shape():
+    text = render_file_sd([Member.parse("10.0.0.2:9091"), Member.parse("10.0.0.1:9091")], {})
+    assert json.loads(text) == [{"targets": ["10.0.0.1:9091", "10.0.0.2:9091"], "labels": {}}]
+    assert json.loads(render_file_sd([], {})) == [{"targets": [], "labels": {}}]
+
+
+@pytest.mark.parametrize("labels", [{WEIGHT_LABEL: "heavy"}, {WEIGHT_LABEL: 50}, {WEIGHT_LABEL: "-1"}, ["x"]])
+def test_a_bad_weight_label_is_an_error_naming_the_file(labels):
+    with pytest.raises(ValueError, match="members.json"):
+        parse_file_sd(json.dumps([{"targets": ["10.0.0.1:9091"], "labels": labels}]), "members.json")
+
+
+def test_nodes_take_an_optional_weight():
+    assert Member.parse_weighted("10.0.0.1:9091") == Member.parse("10.0.0.1:9091")
+    assert Member.parse_weighted(" [::1]:9091=0 ") == Member.parse("[::1]:9091", 0)
+    assert Member.parse_weighted("pgw-1:9091=250").weight == 250
+    for bad in ("10.0.0.1:9091=", "10.0.0.1:9091=x", "10.0.0.1:9091=-1", "10.0.0.1:9091=70000", "=5"):
+        with pytest.raises(ValueError):
+            Member.parse_weighted(bad)
