@@ -102,7 +102,7 @@ class MemberStatus:
 
     pushgateway: str
     in_ring: bool
-    weight: int | None          # its ring weight; None when it is not in the ring
+    weight: int | None          # its weight (0: drained); None when the membership does not list it
     healthy: bool               # GET /-/healthy answered 200
     groups: int | None = None   # None when its groups could not be listed
     not_owned: int | None = None  # groups it holds that the ring gives to another member
@@ -130,7 +130,9 @@ def survey(ring: Ring, instances: Sequence[Member], ring_source: str, timeout: f
         status.attention.append("no pushgateway in the ring takes groups: every push is answered 503")
     for name in names:
         client = PushgatewayClient(name, timeout=timeout)
-        member = MemberStatus(name, name in in_ring, in_ring[name].weight if name in in_ring else None,
+        # a member of weight 0 is listed (Kong's targets, the file) but drained: not in the ring
+        member = MemberStatus(name, name in in_ring and in_ring[name].weight > 0,
+                              in_ring[name].weight if name in in_ring else None,
                               client.healthy())
         status.members.append(member)
         try:

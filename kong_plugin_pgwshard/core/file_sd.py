@@ -45,12 +45,13 @@ def read_file_sd(path: str) -> list[Member]:
 
 
 def render_file_sd(members: Iterable[Member], labels: Mapping[str, str]) -> str:
-    """The members that take groups (weight > 0), sorted, with `labels`: those of weight 100 in
-    the first group (always there, empty when none), each other weight in a group of its own."""
+    """The members, sorted, with `labels`: those of weight 100 in the first group (always there,
+    empty when none), each other weight in a group of its own. A drained member (weight 0) is
+    listed too: Prometheus keeps scraping it while the rebalancer moves its groups away (every
+    reader's ring leaves it out, as Kong's balancer does a target of weight 0)."""
     by_weight: dict[int, list[str]] = {DEFAULT_WEIGHT: []}
     for m in sorted(members):
-        if m.weight > 0:
-            by_weight.setdefault(m.weight, []).append(m.name)
+        by_weight.setdefault(m.weight, []).append(m.name)
     groups = [{"targets": by_weight.pop(DEFAULT_WEIGHT), "labels": dict(labels)}]
     groups += [{"targets": targets, "labels": {**labels, WEIGHT_LABEL: str(weight)}}
                for weight, targets in sorted(by_weight.items())]

@@ -20,13 +20,14 @@ def owners(ring: Ring) -> list[str]:
     return [ring.owner(k).name for k in KEYS]
 
 
-def test_file_sd_carries_weights_and_leaves_drained_members_out():
+def test_file_sd_carries_weights_and_keeps_drained_members_scraped_but_out_of_the_ring():
     text = render_file_sd(MEMBERS, {"env": "prod"})
     groups = json.loads(text)
     assert groups[0] == {"targets": ["10.0.0.1:9091"], "labels": {"env": "prod"}}  # weight 100: no label
-    assert {g["labels"].get(WEIGHT_LABEL) for g in groups[1:]} == {"50", "300"}
+    assert {g["labels"].get(WEIGHT_LABEL) for g in groups[1:]} == {"0", "50", "300"}
     read = parse_file_sd(text)
-    assert sorted(read) == sorted(m for m in MEMBERS if m.weight > 0)
+    assert sorted(read) == sorted(MEMBERS)  # Prometheus scrapes a drained one while its groups move
+    assert "10.0.0.3:9091" not in owners(Ring(read))  # ... and owns nothing
     # a ring built from the file puts every key where the configured members do (not on weights of 100)
     assert owners(Ring(read)) == owners(Ring(MEMBERS))
     assert owners(Ring(read)) != owners(Ring(Member(m.host, m.port) for m in read))

@@ -8,7 +8,6 @@ uses consul_sd_configs with the official image.
 """
 from __future__ import annotations
 
-import json
 import sys
 import urllib.error
 import urllib.request
@@ -23,6 +22,7 @@ from prometheus_client import (
     push_to_gateway,
 )
 
+from kong_plugin_pgwshard.core.file_sd import read_file_sd
 from kong_plugin_pgwshard.core.grouping import GroupingKey, parse_push_path
 from kong_plugin_pgwshard.core.ring import Member, Ring
 from kong_plugin_pgwshard.harness.nginx import NginxHost
@@ -80,15 +80,19 @@ class World:
         return ManagedProcess("pgwshard-sync", [sys.executable, "-m", "kong_plugin_pgwshard.sync.daemon",
                                                 "--config", config]).start()
 
-    def members(self) -> set[str]:
+    def membership(self) -> list[Member]:
+        """What the file pgwshard-sync writes lists (Prometheus' targets, weights included)."""
         try:
-            with open(self.members_file) as f:
-                return set(json.load(f)[0]["targets"])
-        except (OSError, ValueError, IndexError):
-            return set()
+            return read_file_sd(self.members_file)
+        except (OSError, ValueError):
+            return []
+
+    def members(self) -> set[str]:
+        """The members that take groups."""
+        return {m.name for m in self.membership() if m.weight > 0}
 
     def ring(self) -> Ring:
-        return Ring(Member.parse(m) for m in self.members())
+        return Ring(self.membership())
 
     def holders(self, key: GroupingKey) -> list[str]:
         return [p.address for p in self.pgws if p.running
@@ -212,7 +216,9 @@ def test_draining_a_pushgateway_moves_its_groups_and_pushes_keep_landing_on_owne
         world.daemon.stop()
         world.daemon = world.start_daemon(weights={drained.address: 0})
         wait_until(lambda: drained.address not in world.members() and len(world.members()) == 3, 30,
-                   what="the drained instance leaves the file the plugin reads")
+                   what="the drained instance leaves the ring of the file the plugin reads")
+        # ... but stays listed with weight 0, so Prometheus scrapes its groups until they moved
+        assert Member.parse(drained.address, 0) in world.membership()
         wait_until(lambda: drained.groups() == [], 60, what="its groups moved away")
         ring = world.ring()
         for path in paths:  # pushes keep landing on owners, none on the drained one

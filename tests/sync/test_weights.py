@@ -45,8 +45,10 @@ def test_configured_weights_reach_kong_and_the_file_and_stay(kong_admin, tmp_pat
     daemon.resync_interval = 0.3
     with running(daemon):
         wait_until(lambda: weights(kong) == {A: 100, B: 0, C: 40}, 10, what="configured weights in Kong")
-        assert sorted(read_file_sd(str(sd))) == [Member.parse(A), Member.parse(C, 40)]  # B drained: not in the file
-        assert json.loads(sd.read_text())[1]["labels"] == {"__meta_pgwshard_weight": "40"}
+        # B drained: listed with weight 0, so Prometheus scrapes it while its groups move away
+        assert sorted(read_file_sd(str(sd))) == sorted([Member.parse(A), Member.parse(B, 0), Member.parse(C, 40)])
+        assert [g["labels"] for g in json.loads(sd.read_text())[1:]] == [{"__meta_pgwshard_weight": "0"},
+                                                                         {"__meta_pgwshard_weight": "40"}]
         b = next(t for t in kong.targets["pushgateways"] if t["target"] == B)
         b["weight"] = 100  # set by hand in Kong, or by an older pgwshard-sync: undone at the resync
         wait_until(lambda: weights(kong) == {A: 100, B: 0, C: 40}, 10, what="the configured weight back")
