@@ -24,6 +24,7 @@ local M = {}
 local settings      -- the host config (JSON file), see kong/openresty/README.md
 local config_text   -- the plugin config as last read, to notice changes
 local instance_id   -- this worker's plugin instance
+local retired_id    -- an instance of an old config whose successor failed to start: closed later
 local generation = 0  -- counts instance starts, to tell whether another request restarted it
 local starting = false
 local msgid = 0
@@ -132,10 +133,10 @@ local function start_instance_now(close_old)
   if not res then
     return nil, "starting instance: " .. rpc_err
   end
-  local old = instance_id
-  instance_id, config_text, generation = res.Id, text, generation + 1
+  local old = close_old and instance_id or retired_id
+  instance_id, config_text, generation, retired_id = res.Id, text, generation + 1, nil
   ngx.log(ngx.NOTICE, "pgwshard host: started instance ", instance_id, " of ", settings.plugin)
-  if close_old and old and old ~= instance_id then
+  if old and old ~= instance_id then
     rpc("plugin.CloseInstance", old)
   end
   return instance_id
@@ -239,9 +240,16 @@ pdk["kong.request.get_query"] = function() return ngx.req.get_uri_args() end
 pdk["kong.request.get_scheme"] = function() return ngx.var.scheme end
 pdk["kong.request.get_host"] = function() return ngx.var.host end
 pdk["kong.nginx.get_subsystem"] = function() return "http" end
+-- Kong's checks (kong/pdk/service.lua, set_target): an error escapes to the access handler, 500
 pdk["kong.service.set_target"] = function(host, port)
-  if type(host) ~= "string" or type(port) ~= "number" then
-    error("set_target expects (host, port), got (" .. tostring(host) .. ", " .. tostring(port) .. ")")
+  if type(host) ~= "string" then
+    error("host must be a string")
+  end
+  if type(port) ~= "number" or math.floor(port) ~= port then
+    error("port must be an integer")
+  end
+  if port < 0 or port > 65535 then
+    error("port must be an integer between 0 and 65535: given " .. port)
   end
   ngx.ctx.pgwshard_target = { host, port }
 end
@@ -356,7 +364,13 @@ local function watch_config(premature)
   local text = read_file(settings.plugin_config_file)
   if text and config_text and text ~= config_text then
     local _, err = start_instance(true) -- a new instance, then CloseInstance of the old, as Kong does
-    if err then ngx.log(ngx.ERR, "pgwshard host: restarting the instance failed: ", err) end
+    if err and instance_id then
+      -- Kong no longer uses the old instance once the config changed (plugin.lua,
+      -- get_instance_id: a new __seq__ starts one on every request, and a failed start raises):
+      -- requests get 500 until a config the plugin accepts is in place; the old one is closed then
+      ngx.log(ngx.ERR, "pgwshard host: the new plugin config failed to start: ", err)
+      retired_id, instance_id = instance_id, nil
+    end
   end
 end
 

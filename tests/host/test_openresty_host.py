@@ -172,6 +172,32 @@ def test_a_config_change_starts_a_new_instance_and_closes_the_old(stack):
     assert 1 <= len(status["Plugins"]["pgwshard"]["Instances"]) <= 2  # one per worker: old ones closed
 
 
+def test_a_config_the_plugin_refuses_fails_requests_as_kong_does_until_it_is_fixed(stack):
+    """Kong starts an instance for a new config on every request (plugin.lua, a new __seq__) and
+    a failed start raises: 500, not the old config's routing (the host kept the old instance)."""
+    pgws, server, host = stack
+    assert call(host.url + "/metrics/job/before")[0] == 200
+    host.set_plugin_config({"membership": "static", "nodes": ["pgw-without-port"]})
+    counter = iter(range(10_000))
+
+    def every_push_refused() -> bool:  # every worker noticed (each checks its config file)
+        return all(call(host.url + f"/metrics/job/bad/i/{next(counter)}")[0] == 500 for _ in range(10))
+
+    wait_until(every_push_refused, 15, interval=0.2, what="the refused config in force in every worker")
+    only = pgws[1].address
+    host.set_plugin_config({"membership": "static", "nodes": [only]})
+
+    def all_on_the_fixed_member() -> bool:
+        paths = [f"/metrics/job/fixed/i/{next(counter)}" for _ in range(10)]
+        return (all(call(host.url + path)[0] == 200 for path in paths)
+                and all(holders(pgws, parse_push_path(p)) == [only] for p in paths))
+
+    wait_until(all_on_the_fixed_member, 15, interval=0.2, what="the fixed config in force in every worker")
+    from kong_plugin_pgwshard.harness.kong_rpc import KongRPC
+    status = KongRPC(server.socket_path).call("plugin.GetStatus")
+    assert 1 <= len(status["Plugins"]["pgwshard"]["Instances"]) <= 2  # one per worker: the old ones closed
+
+
 @contextlib.contextmanager
 def probe_host(pushgateways, ours: bool):
     """The host in front of the test-only probe plugin (tests/support/pdk_probe_plugin.py)."""

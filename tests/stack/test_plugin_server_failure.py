@@ -207,9 +207,12 @@ def test_an_unknown_pdk_method_is_answered_by_a_step_without_data(pushgateways):
         assert "could not find pdk method: kong.nope.nothing" in host.error_log()
 
 
-def test_a_throwing_pdk_call_is_500(pushgateways):
+@pytest.mark.parametrize("args", [("only-a-host",), ("127.0.0.1", 9091.5), ("127.0.0.1", 70000), (9091, 9091)])
+def test_a_throwing_pdk_call_is_500(pushgateways, args):
+    # set_target raises as kong/pdk/service.lua does: a host that is not a string, a port that is
+    # not an integer in 0..65535 (the host let 9091.5 and 70000 through to a 502 at the balancer)
     script = {"plugin.StartInstance": [started_instance()],
-              "plugin.HandleEvent": [pdk_call("kong.service.set_target", "only-a-host")], "plugin.Step": [ret()]}
+              "plugin.HandleEvent": [pdk_call("kong.service.set_target", *args)], "plugin.Step": [ret()]}
     with scripted_host(pushgateways, script) as (pgw, peer, host):
         status, body = push(host.url + "/metrics/job/throws")
         assert (status, json.loads(body)) == (500, UNEXPECTED)
