@@ -38,6 +38,12 @@ class RPCError(Exception):
     """The plugin server answered an RPC with an error string."""
 
 
+class TruncatedAnswer(Exception):
+    """Part of an answer, then the connection closed or timed out. Kong's decoder raises there
+    (lua-MessagePack's unpacker protects only its first read; mp_rpc.lua's "no data" is for an
+    answer that never began), so the error escapes the plugin's handler: 500."""
+
+
 class PDKRaised(Exception):
     """A PDK call raised a Lua error in Kong: the request ends with 500 (the phase handler's
     error reaches kong/init.lua's runloop)."""
@@ -71,21 +77,32 @@ class KongRPC:
             self._idle = idle
         sock, unpacker = conn
         msgid = next(self._ids)
+        begun = False  # bytes of an answer arrived
         try:
             sock.sendall(msgpack.packb([0, msgid, method, list(args)]))
             while True:
                 for message in unpacker:
+                    if message[0] == 2:
+                        continue  # a notification [2, label, args]: mp_rpc.lua Rpc:notification
                     kind, got_id, error, result = message
                     assert kind == 1 and got_id == msgid, message
                     self._idle.append(conn)
                     if error:
                         raise RPCError(error)
                     return result
-                chunk = sock.recv(65536)
+                try:
+                    chunk = sock.recv(65536)
+                except TimeoutError:
+                    if begun:
+                        raise TruncatedAnswer(f"{method}: the answer stopped before its end") from None
+                    raise
                 if not chunk:
+                    if begun:
+                        raise TruncatedAnswer(f"{method}: the connection closed inside the answer")
                     raise ConnectionError("plugin server closed the connection")
+                begun = True
                 unpacker.feed(chunk)
-        except (OSError, ConnectionError):
+        except (OSError, TruncatedAnswer):
             sock.close()
             raise
 
@@ -259,12 +276,16 @@ class KongPlugin:
         for _ in range(NO_INSTANCE_RETRIES):
             try:
                 instance = self.instance_id()
-            except (RPCError, OSError) as err:  # get_instance_id: error(err), the request gets 500
+            except (RPCError, OSError, TruncatedAnswer) as err:  # get_instance_id: error(err), 500
                 request.logs.append(("err", f"starting instance: {err}"))
                 request.exit = (500, {"message": "An unexpected error occurred"})
                 return request
             try:
                 return run_access(self.rpc, instance, request, **options)
+            except TruncatedAnswer as err:
+                request.logs.append(("err", str(err)))
+                request.exit = (500, {"message": "An unexpected error occurred"})
+                return request
             except (RPCError, OSError) as err:  # refused, "no data" after a timeout, an RPC error
                 if "no plugin instance" not in str(err).lower():
                     request.logs.append(("err", str(err)))  # kong.log.err(err); the request goes on
