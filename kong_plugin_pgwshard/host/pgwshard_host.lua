@@ -79,19 +79,28 @@ local function rpc_once(method, arg)
     local stale = reused and read_err == "closed"
     return nil, "plugin server read failed: " .. tostring(read_err), NO_ANSWER, stale
   end
+  -- Kong's reader (mp_rpc.lua, Rpc:call) reads messages until the answer: a notification
+  -- [2, label, args] before it is handled and passed over; bytes after the answer are dropped.
   local message
   while data do
-    local decoded, value = pcall(decoder.decode, data)
-    if decoded then
+    local decoded, value, next_i = false, decoder.INCOMPLETE, nil
+    if #data > 0 then
+      decoded, value, next_i = pcall(decoder.decode_first, data)
+    end
+    if decoded and type(value) == "table" and value[1] == 2 then
+      ngx.log(ngx.INFO, "pgwshard host: plugin server notification ", tostring(value[2]))
+      data = data:sub(next_i)
+    elseif decoded then
       message = value
       break
     elseif value ~= decoder.INCOMPLETE then
       read_err = value
       break
+    else
+      local more
+      more, read_err = sock:receiveany(65536)
+      data = more and data .. more
     end
-    local more
-    more, read_err = sock:receiveany(65536)
-    data = more and data .. more
   end
   -- Kong's reader (mp_rpc.lua, Rpc:call) raises on a truncated or undecodable answer and
   -- asserts that it is the response to this call: all three escape the plugin as errors.

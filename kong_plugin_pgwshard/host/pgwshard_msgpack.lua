@@ -5,7 +5,7 @@
 -- integer, string, array or map it meets; LuaJIT cannot compile that, and on the three answers
 -- of every push it was a large share of the host's CPU. This decoder reads the string in place.
 --
--- decode(s) returns the one value `s` holds. It raises INCOMPLETE when `s` ends inside the
+-- decode(s) returns the one value `s` holds (decode_first: the first, and where it ends). It raises INCOMPLETE when `s` ends inside the
 -- value (read more and try again), and a message for anything else that is not msgpack, for
 -- ext types and for bytes after the value.
 
@@ -133,6 +133,11 @@ function M.decode(s)
   local v, i = value(s, 1, n)
   if i <= n then error("extra bytes after a msgpack value", 0) end
   return v
+end
+
+-- decode_first(s): the first value `s` holds and the index after it (bytes may follow).
+function M.decode_first(s)
+  return value(s, 1, #s)
 end
 
 return M

@@ -29,6 +29,7 @@ from kong_plugin_pgwshard.core.ring import Member, Ring
 from kong_plugin_pgwshard.harness.nginx import NginxHost
 from kong_plugin_pgwshard.harness.processes import ManagedProcess, PluginServer, temp_dir, wait_until
 from tests.support.scripted_plugin_server import (
+    Notified,
     Raw,
     RPCError,
     ScriptedPluginServer,
@@ -170,6 +171,18 @@ def test_a_malformed_answer_is_500_as_kong_raises(pushgateways, answer):
         status, body = push(host.url + "/metrics/job/garbage")
         assert (status, json.loads(body)) == (500, UNEXPECTED)
         assert pgw.groups() == []
+
+
+def test_a_notification_before_an_answer_is_passed_over_as_kong_does(pushgateways):
+    # mp_rpc.lua Rpc:call handles [2, label, args] and reads on (the host answered 500)
+    script = {"plugin.StartInstance": [Notified(started_instance())],
+              "plugin.HandleEvent": [Notified(pdk_call("kong.service.set_target", "127.0.0.1", 1))],
+              "plugin.Step": [ret()]}
+    with scripted_host(pushgateways, script) as (pgw, peer, host):
+        status, _ = push(host.url + "/metrics/job/notified")
+        # the plugin's target was taken (nothing listens on port 1), not the upstream's hash
+        assert status == 502 and pgw.groups() == []
+        assert "plugin.Step" in [method for method, _ in peer.calls]  # the PDK call was answered
 
 
 @pytest.mark.parametrize("fail_fast", [False, True])

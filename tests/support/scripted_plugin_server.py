@@ -5,7 +5,8 @@ script maps an RPC method ("plugin.StartInstance", "plugin.HandleEvent", "plugin
 a list of answers, used in order; the last one repeats. An answer is
   - a result (any msgpack value): [1, id, nil, result];
   - RPCError("text"): [1, id, "text", nil];
-  - Raw(b"..."): these bytes, then the connection is closed.
+  - Raw(b"..."): these bytes, then the connection is closed;
+  - Notified(answer): a notification [2, label, args] first, in the same write, then answer.
 A method the script does not name gets RPCError("no method"). Every call is recorded as
 (method, args) in `calls`.
 """
@@ -29,6 +30,13 @@ class RPCError:
 @dataclass(frozen=True)
 class Raw:
     data: bytes
+
+
+@dataclass(frozen=True)
+class Notified:
+    answer: object
+    label: str = "serverPid"
+    args: object = 1
 
 
 def started_instance(instance_id: int = 7) -> dict:
@@ -114,13 +122,16 @@ class ScriptedPluginServer:
                     with self._lock:
                         self.calls.append((method, args))
                     answer = self._next_answer(method)
+                    prefix = b""
+                    if isinstance(answer, Notified):
+                        prefix, answer = msgpack.packb([2, answer.label, answer.args]), answer.answer
                     try:
                         if isinstance(answer, Raw):
                             client.sendall(answer.data)
                             return
                         if isinstance(answer, RPCError):
-                            client.sendall(msgpack.packb([1, msgid, answer.text, None]))
+                            client.sendall(prefix + msgpack.packb([1, msgid, answer.text, None]))
                         else:
-                            client.sendall(msgpack.packb([1, msgid, None, answer]))
+                            client.sendall(prefix + msgpack.packb([1, msgid, None, answer]))
                     except OSError:
                         return
