@@ -78,7 +78,8 @@ def rebalance(args: argparse.Namespace) -> int:
         sys.exit("pgwshard: rebalance needs the ring's members (--nodes, --nodes-file or $PGWSHARD_NODES)")
     try:
         instances = [Member.parse(n) for n in (args.instances or "").split(",") if n.strip()]
-        rebalancer = Rebalancer(max_ops_per_second=args.max_ops_per_second, timeout=args.timeout)
+        rebalancer = Rebalancer(max_ops_per_second=args.max_ops_per_second, timeout=args.timeout,
+                                quiet=args.quiet)
     except ValueError as err:
         sys.exit(f"pgwshard: rebalance: {err}")
     if args.dry_run:
@@ -283,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan (group, from, to, action) "
                                                           "and change nothing")
     p.add_argument("--max-ops-per-second", type=float, default=50.0, help="pace of PUTs and DELETEs")
+    p.add_argument("--quiet", type=float, default=0.0, metavar="SECONDS",
+                   help="leave a copy pushed less than SECONDS ago where it is (its client's next push goes "
+                        "to the owner; a copy racing that push would overwrite it); pgwshard-sync waits 10 s")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per pushgateway request")
     p.set_defaults(run=rebalance)
 

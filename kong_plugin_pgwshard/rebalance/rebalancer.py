@@ -6,6 +6,9 @@ ring the plugin routes with) who owns each, and for every copy on a non-owner de
 - the owner holds a copy at least as new  -> delete the stale copy;
 - otherwise the newest copy is PUT on the owner (after re-checking the owner right before),
   then deleted from where it was; other, older copies are deleted;
+- but not while its client may still be pushing: a copy pushed less than `quiet` seconds ago
+  waits for a later pass, since the client's next push goes to the owner anyway, and a PUT
+  could overwrite that push (Pushgateway has no conditional write);
 - every delete of a copy on a non-owner happens only if that copy is still exactly what the
   survey saw (same push time, same families), read again after all the pass's copies: a client
   push that reached the old owner meanwhile is left for the next pass, never deleted;
@@ -42,6 +45,7 @@ MARKER_SLACK_SECONDS = 10.0
 COPY = "copy"
 DELETE = "delete"
 SKIP = "skip"
+WAIT = "wait"  # a copy whose client pushed it less than `quiet` seconds ago: a later pass
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ class Move:
     key: GroupingKey
     source: str          # instance holding the copy
     target: str          # the group's owner
-    action: str          # COPY (then delete from source), DELETE the copy, or SKIP for now
+    action: str          # COPY (then delete from source), DELETE the copy, SKIP or WAIT for now
     reason: str
     pushed_at: float     # when a client pushed the data of this copy
 
@@ -64,6 +68,9 @@ class ReconcileReport:
     deleted: int = 0
     skipped: int = 0
     failed: int = 0
+    waiting: int = 0     # copies left for a later pass because their client pushed them lately
+    # Seconds until the first of those has been quiet long enough (None: none waits).
+    retry_after: float | None = None
     seconds: float = 0.0
     # Longest time from re-checking an owner to the end of a PUT on it: the window in which a
     # client's push to the owner could still be overwritten by an older copy.
@@ -73,7 +80,7 @@ class ReconcileReport:
 
     def __str__(self) -> str:
         text = (f"moved={self.moved} deleted={self.deleted} skipped={self.skipped} "
-                f"failed={self.failed} seconds={self.seconds:.3f}")
+                f"failed={self.failed} waiting={self.waiting} seconds={self.seconds:.3f}")
         if self.unreachable:
             text += " unreachable=" + ",".join(self.unreachable)
         return text
@@ -91,14 +98,17 @@ class Rebalancer:
     settings: an object or mapping with max_ops_per_second (the config's `rebalance` section);
     plain keyword arguments override it. max_ops_per_second paces every PUT and DELETE so a
     rebalance leaves the instances free for live pushes. recheck_max_age bounds how old the
-    owner listing may be when a copy is PUT on it (one listing serves several PUTs).
+    owner listing may be when a copy is PUT on it (one listing serves several PUTs). quiet
+    (settings' `quiet`, else 0): how long a copy's client must have been silent before the copy
+    is PUT on the owner; `wall_clock` is compared with the pushgateways' push times.
     """
 
     def __init__(self, settings: Any = None, *, max_ops_per_second: float | None = None,
                  timeout: float = 5.0, recheck_max_age: float = 1.0,
                  registry: CollectorRegistry | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep, tombstones: Any = None):
+                 sleep: Callable[[float], None] = time.sleep, tombstones: Any = None,
+                 quiet: float | None = None, wall_clock: Callable[[], float] = time.time):
         if max_ops_per_second is None:
             max_ops_per_second = _setting(settings, "max_ops_per_second", 50.0)
         if not max_ops_per_second > 0:
@@ -106,6 +116,8 @@ class Rebalancer:
         self.max_ops_per_second = float(max_ops_per_second)
         self.timeout = timeout
         self.recheck_max_age = recheck_max_age
+        self.quiet = float(_setting(settings, "quiet", 0.0) if quiet is None else quiet)
+        self._wall_clock = wall_clock
         # Deletes clients made through pgwshard-sync (sync/deletes.py): covered copies are
         # deleted wherever they are, never moved. Anything with covers(key, pushed_at).
         self.tombstones = tombstones
@@ -158,6 +170,11 @@ class Rebalancer:
         # of each source, taken after the last PUT, then proves each copy unchanged.
         to_delete: list[tuple[Move, bool]] = []  # (move, count it as a delete)
         for move in moves:
+            if move.action == WAIT:
+                report.waiting += 1
+                due = self.quiet - (self._wall_clock() - move.pushed_at)
+                report.retry_after = due if report.retry_after is None else min(report.retry_after, due)
+                continue
             if move.action == SKIP or move.target in dead_owners:
                 report.skipped += 1
                 continue
@@ -283,7 +300,13 @@ class Rebalancer:
                         for name in sorted(strays)]
             # The newest version we saw is gone from where it was: a client deleted the group.
             return [step(name, DELETE, "group was deleted after a newer push") for name in sorted(strays)]
-        moves = [step(newest, COPY, "owner lacks it" if at_owner is None else "owner holds an older copy")]
+        if self.quiet > 0 and self._wall_clock() - newest_at < self.quiet:
+            # Its client may push again, to the owner: a PUT racing that push would overwrite it
+            # with this older copy. The push (then this copy is deleted as older) or `quiet`
+            # seconds of silence (then the copy is PUT) decide at a later pass.
+            moves = [step(newest, WAIT, f"pushed less than {self.quiet:g} s ago")]
+        else:
+            moves = [step(newest, COPY, "owner lacks it" if at_owner is None else "owner holds an older copy")]
         moves += [step(name, DELETE, "a newer copy is elsewhere") for name in sorted(strays) if name != newest]
         return moves
 

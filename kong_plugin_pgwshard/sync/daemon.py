@@ -429,6 +429,9 @@ class Daemon:
             try:
                 report = self.rebalancer.reconcile(ring, instances)
                 log.info("reconciliation: %s", report)
+                if report.retry_after is not None:  # copies wait for their clients' silence
+                    due = time.monotonic() + max(0.0, report.retry_after) + 0.5
+                    follow_up_at = due if follow_up_at is None else min(follow_up_at, due)
             except Exception:  # noqa: BLE001 - a failed pass is retried at the next one
                 log.exception("reconciliation failed; the next pass retries")
 

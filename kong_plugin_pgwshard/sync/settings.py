@@ -94,6 +94,10 @@ class RebalanceSettings:
     # A second pass this long after each change's first one removes copies that pushes of
     # slow gateways recreated on old owners; 0 turns it off.
     follow_up: float = 5.0
+    # A copy is PUT on its owner only once its client has not pushed it for this long: a client
+    # still pushing pushes to the owner itself, and a PUT racing that push would overwrite it
+    # (Pushgateway has no conditional write). 0 moves at once.
+    quiet: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -332,7 +336,8 @@ def parse_settings(data: Any, source: str, environ: Mapping[str, str] = os.envir
     rb = top.section("rebalance")
     rebalance = RebalanceSettings(rb.boolean("enabled", True), rb.duration("interval", 60.0, minimum=1.0),
                                   rb.number("max_ops_per_second", 50.0, minimum=0.1),
-                                  rb.duration("settle", 3.0), rb.duration("follow_up", 5.0))
+                                  rb.duration("settle", 3.0), rb.duration("follow_up", 5.0),
+                                  rb.duration("quiet", 10.0))
     rb.done()
     deletes = None
     if top.has("deletes"):

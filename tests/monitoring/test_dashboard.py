@@ -95,6 +95,10 @@ def stack():
             return bool(prometheus.query(expr))
 
         wait_until(lambda: has("pgwshard_rebalance_groups_moved_total >= 1"), 60, what="the planted group moved")
+        # (it waits for `rebalance.quiet` after its push) and scraped since: on its owner only
+        wait_until(lambda: has(f'count(push_time_seconds{{job="planted", pushgateway="{ring.owner(planted).name}"}}) '
+                               f'== 1 and on() count(push_time_seconds{{job="planted"}}) == 1'), 30,
+                   what="the moved group scraped on its owner only")
         wait_until(lambda: has('pushgateway_http_requests_total{handler="push", code="400"}'), 30,
                    what="the refused push scraped")
         wait_until(lambda: has(f'pgwshard:push_group_last_client_push_time_seconds{{job="planted"}} '

@@ -440,3 +440,37 @@ def test_a_stale_copy_pushed_again_before_its_delete_is_kept(pushgateways, monke
     report = Rebalancer(max_ops_per_second=500).reconcile(ring, pgws_addresses(pgws))
     assert (report.deleted, report.skipped) == (0, 1)
     assert sorted(placement(pgws)[key]) == sorted([(owner.address, 2), (other.address, 3)])
+
+
+def test_a_copy_waits_while_its_client_may_push_to_the_owner(pushgateways, monkeypatch):
+    """The drill met it: a client push to the owner landing between the owner's listing and the
+    PUT of an older copy was overwritten (stale=1). A copy pushed less than `quiet` seconds ago
+    now waits: the client's push makes the owner's copy newer and the stray is deleted; a copy
+    whose client stayed silent is PUT once `quiet` has passed."""
+    pgws = pushgateways(2)
+    ring = ring_of(pgws)
+    key, silent = KEYS[0], next(k for k in KEYS[1:] if ring.owner(k) == ring.owner(KEYS[0]))
+    owner, other = owner_and_other(pgws, ring, key)
+    push(other, key, 1)
+    push(other, silent, 1)
+    groups = PushgatewayClient.groups
+
+    def owner_listed_then_client_pushes(self):
+        listed = groups(self)
+        if self.name == owner.address:  # the re-check before a PUT: the client pushes right after it
+            push(owner, key, 2)
+        return listed
+
+    monkeypatch.setattr(PushgatewayClient, "groups", owner_listed_then_client_pushes)
+    now = [time.time()]
+    rebalancer = Rebalancer(max_ops_per_second=500, quiet=10, wall_clock=lambda: now[0])
+    first = rebalancer.reconcile(ring, pgws_addresses(pgws))
+    assert (first.moved, first.waiting) == (0, 2) and 9 < first.retry_after <= 10
+    monkeypatch.setattr(PushgatewayClient, "groups", groups)
+    # the client's push stays on the owner, never overwritten; the stray waits for the next pass
+    assert sorted(placement(pgws)[key]) == sorted([(owner.address, 2), (other.address, 1)])
+
+    now[0] += 10  # `silent`'s client stayed silent for `quiet`: its copy moves
+    second = rebalancer.reconcile(ring, pgws_addresses(pgws))
+    assert (second.moved, second.deleted, second.waiting) == (1, 1, 0)
+    assert placement(pgws) == {key: [(owner.address, 2)], silent: [(owner.address, 1)]}

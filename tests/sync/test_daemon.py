@@ -332,7 +332,7 @@ def test_an_applied_change_triggers_a_reconciliation_that_drains_the_leaver(push
         "health": {"probes": {"interval": 0.2, "timeout": 0.5, "rise": 1, "fall": 1}},
         "membership": {"hold_down": 0.5},
         "file_sd": {"path": str(sd)},
-        "rebalance": {"enabled": True, "interval": "60s", "max_ops_per_second": 200},
+        "rebalance": {"enabled": True, "quiet": "1s", "interval": "60s", "max_ops_per_second": 200},
     }, "test")
     keys = [GroupingKey.from_labels({"job": "batch", "instance": f"i{n}"}) for n in range(32)]
     with running(Daemon(settings)) as daemon:
@@ -395,7 +395,7 @@ def test_a_copy_recreated_on_the_old_owner_after_a_change_is_moved_by_the_follow
         "health": {"probes": {"interval": 0.2, "timeout": 0.5, "rise": 1, "fall": 1}},
         "membership": {"hold_down": 0.5},
         "file_sd": {"path": str(sd)},
-        "rebalance": {"enabled": True, "interval": "60s", "max_ops_per_second": 200,
+        "rebalance": {"enabled": True, "quiet": "1s", "interval": "60s", "max_ops_per_second": 200,
                       "settle": "1s", "follow_up": "2s"},
     }, "test")
     keys = [GroupingKey.from_labels({"job": "batch", "instance": f"i{n}"}) for n in range(8)]

@@ -42,7 +42,7 @@ def test_a_delete_during_the_owners_outage_stays_deleted_when_it_returns(pushgat
         "health": {"probes": {"interval": 0.2, "timeout": 0.5, "rise": 1, "fall": 1}},
         "membership": {"hold_down": 0.5},
         "file_sd": {"path": str(sd)},
-        "rebalance": {"enabled": True, "interval": "60s", "settle": "0.5s", "follow_up": "1s"},
+        "rebalance": {"enabled": True, "quiet": "1s", "interval": "60s", "settle": "0.5s", "follow_up": "1s"},
         "deletes": {"listen": f"127.0.0.1:{port}", "tombstone_file": str(tombs)},
     }, "test")
     ring = Ring(Member.parse(p.address) for p in pgws)
