@@ -189,6 +189,14 @@ def test_no_input_raises_anything_but_our_error(path):
         assert parse_push_path(key.path()) == key == GroupingKey.from_labels(dict(key.labels))
 
 
+def _clear(pgw) -> None:
+    """Delete every group of pgw and wait until it holds none (Pushgateway deletes asynchronously)."""
+    for group in pgw.groups():
+        request = urllib.request.Request(pgw.url + GroupingKey.from_labels(group["labels"]).path(), method="DELETE")
+        urllib.request.urlopen(request, timeout=5).close()
+    wait_until(lambda: pgw.groups() == [], timeout=5, what="a clean pushgateway")
+
+
 def test_a_real_pushgateway_stores_every_spelling_as_one_group(pushgateways):
     """Random keys, each pushed in three random legal spellings to a real pushgateway: it holds
     exactly one group, whose labels are the key's, and DELETE on key.path() removes it."""
@@ -216,9 +224,7 @@ def test_a_real_pushgateway_stores_every_spelling_as_one_group(pushgateways):
             delete(key)
             wait_until(lambda: pgw.groups() == [], timeout=5, what="the group deleted by its canonical path")
         finally:  # a failed example must not leave groups behind for the next one
-            for group in pgw.groups():
-                delete(GroupingKey.from_labels(group["labels"]))
-            wait_until(lambda: pgw.groups() == [], timeout=5, what="a clean pushgateway")
+            _clear(pgw)
 
     check()
 
@@ -260,11 +266,7 @@ def test_a_real_pushgateway_accepts_exactly_what_we_accept(pushgateways):
             assert _put(pgw.url + path) == 200, f"{path}: we accept as {key}, Pushgateway refuses"
             assert [GroupingKey.from_labels(g["labels"]) for g in pgw.groups()] == [key], path
         finally:
-            for group in pgw.groups():
-                request = urllib.request.Request(pgw.url + GroupingKey.from_labels(group["labels"]).path(),
-                                                 method="DELETE")
-                urllib.request.urlopen(request, timeout=5).close()
-            wait_until(lambda: pgw.groups() == [], timeout=5, what="a clean pushgateway")
+            _clear(pgw)
 
     check()
 
@@ -306,10 +308,6 @@ def test_a_real_pushgateway_stores_escaped_spellings_under_the_key_we_route_by(p
             assert _put(pgw.url + escaped) == 200, escaped
             assert [GroupingKey.from_labels(g["labels"]) for g in pgw.groups()] == [key], escaped
         finally:
-            for group in pgw.groups():
-                request = urllib.request.Request(pgw.url + GroupingKey.from_labels(group["labels"]).path(),
-                                                 method="DELETE")
-                urllib.request.urlopen(request, timeout=5).close()
-            wait_until(lambda: pgw.groups() == [], timeout=5, what="a clean pushgateway")
+            _clear(pgw)
 
     check()
