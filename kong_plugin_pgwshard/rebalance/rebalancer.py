@@ -46,6 +46,10 @@ COPY = "copy"
 DELETE = "delete"
 SKIP = "skip"
 WAIT = "wait"  # a copy whose client pushed it less than `quiet` seconds ago: a later pass
+# A stray that keeps being pushed (a gateway that never follows the membership, a Kong whose
+# plugin server is down) is copied anyway after this many times `quiet`: never quiet, never moved
+# would leave the owner's older copy beside it for good.
+MAX_WAIT_QUIETS = 3
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class Move:
     action: str          # COPY (then delete from source), DELETE the copy, SKIP or WAIT for now
     reason: str
     pushed_at: float     # when a client pushed the data of this copy
+    wait: float = 0.0    # WAIT: seconds until it has been quiet long enough
 
 
 @dataclass
@@ -81,6 +86,8 @@ class ReconcileReport:
     def __str__(self) -> str:
         text = (f"moved={self.moved} deleted={self.deleted} skipped={self.skipped} "
                 f"failed={self.failed} waiting={self.waiting} seconds={self.seconds:.3f}")
+        if self.retry_after is not None:
+            text += f" retry_after={self.retry_after:.1f}"
         if self.unreachable:
             text += " unreachable=" + ",".join(self.unreachable)
         return text
@@ -90,6 +97,14 @@ class ReconcileReport:
 class _Seen:
     pushed_at: float
     instance: str
+
+
+@dataclass(frozen=True)
+class _Waiting:
+    first: float         # our clock (monotonic) when the group's stray first had to wait
+    since: float         # ... when we first saw this very copy (source, push time)
+    source: str
+    pushed_at: float
 
 
 class Rebalancer:
@@ -118,6 +133,7 @@ class Rebalancer:
         self.recheck_max_age = recheck_max_age
         self.quiet = float(_setting(settings, "quiet", 0.0) if quiet is None else quiet)
         self._wall_clock = wall_clock
+        self._waiting: dict[GroupingKey, _Waiting] = {}
         # Deletes clients made through pgwshard-sync (sync/deletes.py): covered copies are
         # deleted wherever they are, never moved. Anything with covers(key, pushed_at).
         self.tombstones = tombstones
@@ -136,6 +152,9 @@ class Rebalancer:
                                 "Groups left for a later pass (owner unreachable).", registry=registry)
         self._failed = Counter("pgwshard_rebalance_groups_failed",
                                "Group copies or deletes that failed.", registry=registry)
+        self._waiting_gauge = Gauge("pgwshard_rebalance_groups_waiting",
+                                    "Misplaced copies the last reconciliation left for their clients' "
+                                    "next push (pushed less than rebalance.quiet ago).", registry=registry)
         self._misplaced = Gauge("pgwshard_rebalance_groups_misplaced",
                                 "Group copies on non-owners that the last reconciliation found.",
                                 registry=registry)
@@ -172,8 +191,7 @@ class Rebalancer:
         for move in moves:
             if move.action == WAIT:
                 report.waiting += 1
-                due = self.quiet - (self._wall_clock() - move.pushed_at)
-                report.retry_after = due if report.retry_after is None else min(report.retry_after, due)
+                report.retry_after = move.wait if report.retry_after is None else min(report.retry_after, move.wait)
                 continue
             if move.action == SKIP or move.target in dead_owners:
                 report.skipped += 1
@@ -214,6 +232,7 @@ class Rebalancer:
             to_delete.append((move, False))  # counted as moved, not as a delete
         self._delete_unchanged(to_delete, holdings, report)
         report.seconds = self._clock() - started
+        self._waiting_gauge.set(report.waiting)
         self._moved.inc(report.moved)
         self._deleted.inc(report.deleted)
         self._skipped.inc(report.skipped)
@@ -258,6 +277,7 @@ class Rebalancer:
             for key, group in groups.items():
                 copies.setdefault(key, {})[name] = group
         moves: list[Move] = []
+        waiting, self._waiting = self._waiting, {}  # kept only for groups that wait again
         for key in sorted(copies, key=str):
             try:
                 owner = ring.owner(key).name
@@ -270,10 +290,11 @@ class Rebalancer:
                 moves += [Move(key, n, owner, DELETE, "deleted by a client (tombstone)",
                                client_push_time(group_copies[n])) for n in dead]
                 group_copies = {n: g for n, g in group_copies.items() if n not in dead}
-            moves += self._plan_group(key, owner, group_copies)
+            moves += self._plan_group(key, owner, group_copies, waiting.get(key))
         return moves
 
-    def _plan_group(self, key: GroupingKey, owner: str, copies: Mapping[str, Group]) -> list[Move]:
+    def _plan_group(self, key: GroupingKey, owner: str, copies: Mapping[str, Group],
+                    waited: _Waiting | None = None) -> list[Move]:
         strays = {name: g for name, g in copies.items() if name != owner}
         at_owner = copies.get(owner)
         seen = self._newest.get(key)
@@ -300,15 +321,32 @@ class Rebalancer:
                         for name in sorted(strays)]
             # The newest version we saw is gone from where it was: a client deleted the group.
             return [step(name, DELETE, "group was deleted after a newer push") for name in sorted(strays)]
-        if self.quiet > 0 and self._wall_clock() - newest_at < self.quiet:
+        wait = self._still_to_wait(key, newest, newest_at, waited) if self.quiet > 0 else 0.0
+        if wait > 0:
             # Its client may push again, to the owner: a PUT racing that push would overwrite it
             # with this older copy. The push (then this copy is deleted as older) or `quiet`
             # seconds of silence (then the copy is PUT) decide at a later pass.
-            moves = [step(newest, WAIT, f"pushed less than {self.quiet:g} s ago")]
+            moves = [Move(key, newest, owner, WAIT, f"pushed less than {self.quiet:g} s ago", newest_at, wait)]
         else:
             moves = [step(newest, COPY, "owner lacks it" if at_owner is None else "owner holds an older copy")]
         moves += [step(name, DELETE, "a newer copy is elsewhere") for name in sorted(strays) if name != newest]
         return moves
+
+    def _still_to_wait(self, key: GroupingKey, source: str, pushed_at: float, waited: _Waiting | None) -> float:
+        """Seconds until the copy `source` holds has been quiet for `quiet` (<= 0: move it).
+
+        Quiet since its push time, or since we first saw this very copy, whichever is longer:
+        a pushgateway whose clock runs ahead cannot hold a copy back beyond `quiet` of ours."""
+        now = self._clock()
+        if waited is None or (waited.source, waited.pushed_at) != (source, pushed_at):
+            waited = _Waiting(waited.first if waited else now, now, source, pushed_at)
+        if now - waited.first >= MAX_WAIT_QUIETS * self.quiet:
+            return 0.0  # pushes keep reaching a non-owner: move it as before quiet existed
+        quiet_for = max(self._wall_clock() - pushed_at, now - waited.since)
+        if quiet_for >= self.quiet:
+            return 0.0
+        self._waiting[key] = waited
+        return self.quiet - quiet_for
 
     # -- writes --------------------------------------------------------------------------
 

@@ -268,7 +268,15 @@ class Daemon:
         ring, instances = self.placement
         if synced and self.rebalancer is not None and ring.members:
             time.sleep(self.settings.rebalance.settle)  # until the gateways follow the new set
-            log.info("reconciliation: %s", self.rebalancer.reconcile(ring, instances))
+            # copies waiting for their clients' silence get passes until they moved (bounded:
+            # a copy that keeps being pushed moves after MAX_WAIT_QUIETS x quiet anyway)
+            from ..rebalance.rebalancer import MAX_WAIT_QUIETS
+            for _ in range(MAX_WAIT_QUIETS + 2):
+                report = self.rebalancer.reconcile(ring, instances)
+                log.info("reconciliation: %s", report)
+                if report.retry_after is None:
+                    break
+                time.sleep(max(0.0, report.retry_after) + 0.5)
         return synced
 
     @property

@@ -16,6 +16,7 @@ from kong_plugin_pgwshard.rebalance.rebalancer import (
     COPY,
     DELETE,
     MARKER_FAMILY,
+    MAX_WAIT_QUIETS,
     MOVED_FAMILY,
     SKIP,
     Rebalancer,
@@ -465,7 +466,7 @@ def test_a_copy_waits_while_its_client_may_push_to_the_owner(pushgateways, monke
     now = [time.time()]
     rebalancer = Rebalancer(max_ops_per_second=500, quiet=10, wall_clock=lambda: now[0])
     first = rebalancer.reconcile(ring, pgws_addresses(pgws))
-    assert (first.moved, first.waiting) == (0, 2) and 9 < first.retry_after <= 10
+    assert (first.moved, first.waiting) == (0, 2) and 0 < first.retry_after <= 10
     monkeypatch.setattr(PushgatewayClient, "groups", groups)
     # the client's push stays on the owner, never overwritten; the stray waits for the next pass
     assert sorted(placement(pgws)[key]) == sorted([(owner.address, 2), (other.address, 1)])
@@ -474,3 +475,33 @@ def test_a_copy_waits_while_its_client_may_push_to_the_owner(pushgateways, monke
     second = rebalancer.reconcile(ring, pgws_addresses(pgws))
     assert (second.moved, second.deleted, second.waiting) == (1, 1, 0)
     assert placement(pgws) == {key: [(owner.address, 2)], silent: [(owner.address, 1)]}
+
+
+def test_a_waiting_copy_moves_after_quiet_of_our_clock_and_is_not_held_forever(pushgateways):
+    """A pushgateway whose clock runs an hour ahead holds a copy back for `quiet` of our clock,
+    not an hour; a stray that a gateway off the membership keeps pushing moves after
+    MAX_WAIT_QUIETS x quiet instead of never (the owner's older copy would stay beside it)."""
+    pgws = pushgateways(2)
+    ring = ring_of(pgws)
+    key = KEYS[0]
+    owner, other = owner_and_other(pgws, ring, key)
+    mono = [1000.0]
+    ahead = Rebalancer(max_ops_per_second=500, quiet=10, wall_clock=lambda: time.time() - 3600,
+                       clock=lambda: mono[0], sleep=lambda _: None)
+    push(other, key, 1)
+    assert ahead.reconcile(ring, pgws_addresses(pgws)).waiting == 1
+    mono[0] += 10
+    assert ahead.reconcile(ring, pgws_addresses(pgws)).moved == 1
+    assert placement(pgws) == {key: [(owner.address, 1)]}
+
+    keeps = Rebalancer(max_ops_per_second=500, quiet=10, clock=lambda: mono[0], sleep=lambda _: None)
+    stray = next(k for k in KEYS[1:] if ring.owner(k).name == owner.address)
+    for value in range(2, 4 + MAX_WAIT_QUIETS * 2):  # re-pushed every half `quiet`: never quiet
+        push(other, stray, value)
+        report = keeps.reconcile(ring, pgws_addresses(pgws))
+        if report.moved:
+            break
+        assert report.waiting == 1
+        mono[0] += 5
+    assert report.moved == 1 and mono[0] - 1010 >= MAX_WAIT_QUIETS * 10
+    assert (owner.address, value) in placement(pgws)[stray]
