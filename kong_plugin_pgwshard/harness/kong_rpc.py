@@ -78,12 +78,14 @@ class KongRPC:
         sock, unpacker = conn
         msgid = next(self._ids)
         begun = False  # bytes of an answer arrived
+        fed = unpacker.tell()  # bytes given to the unpacker, to tell a message boundary
         try:
             sock.sendall(msgpack.packb([0, msgid, method, list(args)]))
             while True:
                 for message in unpacker:
-                    if message[0] == 2:
-                        continue  # a notification [2, label, args]: mp_rpc.lua Rpc:notification
+                    if message[0] == 2:  # a notification [2, label, args]: mp_rpc.lua Rpc:notification
+                        begun = unpacker.tell() < fed  # at a message boundary again unless more is buffered
+                        continue
                     kind, got_id, error, result = message
                     assert kind == 1 and got_id == msgid, message
                     self._idle.append(conn)
@@ -101,6 +103,7 @@ class KongRPC:
                         raise TruncatedAnswer(f"{method}: the connection closed inside the answer")
                     raise ConnectionError("plugin server closed the connection")
                 begun = True
+                fed += len(chunk)
                 unpacker.feed(chunk)
         except (OSError, TruncatedAnswer):
             sock.close()

@@ -37,7 +37,11 @@ class NginxHost(ManagedProcess):
 
     def set_plugin_config(self, config: dict) -> None:
         """Change the plugin config; the host starts a new instance and closes the old."""
-        (Path(self.prefix) / "plugin-config.json").write_text(json.dumps(config))
+        path = Path(self.prefix) / "plugin-config.json"
+        staged = path.with_suffix(".json.new")
+        staged.write_text(json.dumps(config))
+        os.chmod(staged, 0o644)
+        os.replace(staged, path)  # whole, as Kong's configs arrive
 
     def error_log(self) -> str:
         path = Path(self.prefix) / "error.log"

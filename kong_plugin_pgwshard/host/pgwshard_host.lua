@@ -99,6 +99,12 @@ local function rpc_once(method, arg)
     else
       local more
       more, read_err = sock:receiveany(65536)
+      if not more and #data == 0 then
+        -- nothing of an answer yet (a notification, then silence): Kong's reader calls this
+        -- "no data" (its unpacker protects a read at a message boundary)
+        sock:close()
+        return nil, "plugin server read failed: " .. tostring(read_err), NO_ANSWER
+      end
       data = more and data .. more
     end
   end
@@ -192,6 +198,7 @@ local function handle_event()
     -- of this worker has started a new one meanwhile
     ngx.log(ngx.WARN, "pgwshard host: ", err)
     if generation == seen then instance_id = nil end
+    retired_id = nil -- the server that knew it is gone: a new one may hand the id out again
   end
   return nil, "the plugin server keeps answering \"no plugin instance\"", NO_ANSWER
 end
@@ -369,9 +376,11 @@ function M.balancer()
 end
 
 local function watch_config(premature)
-  if premature then return end
+  if premature or starting then return end -- a start in progress: the next tick looks again
   local text = read_file(settings.plugin_config_file)
-  if text and config_text and text ~= config_text then
+  -- a file being rewritten in place may be read half-written: only a whole JSON document is a
+  -- new config (Kong's configs arrive whole, through its Admin API or /config)
+  if text and config_text and text ~= config_text and pcall(cjson.decode, text) then
     local _, err = start_instance(true) -- a new instance, then CloseInstance of the old, as Kong does
     if err and instance_id then
       -- Kong no longer uses the old instance once the config changed (plugin.lua,

@@ -15,8 +15,9 @@ UNEXPECTED = (500, {"message": "An unexpected error occurred"})
 
 @pytest.mark.parametrize("answer, exit", [
     (Raw(b""), None),                                   # closed before answering: "no data"
+    (Raw(msgpack.packb([2, "serverPid", 1])), None),    # a notification, then closed: "no data"
     (Raw(msgpack.packb([1, 2, None, {"EventId": 1, "Data": "ret"}])[:5]), UNEXPECTED),  # cut off
-], ids=["no-data", "truncated"])
+], ids=["no-data", "notification-then-nothing", "truncated"])
 def test_a_handle_event_answer_fails_as_kongs_decoder_does(answer, exit):
     script = {"plugin.StartInstance": [started_instance()], "plugin.HandleEvent": [answer]}
     with ScriptedPluginServer(script) as peer:

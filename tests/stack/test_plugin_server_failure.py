@@ -185,6 +185,15 @@ def test_a_notification_before_an_answer_is_passed_over_as_kong_does(pushgateway
         assert "plugin.Step" in [method for method, _ in peer.calls]  # the PDK call was answered
 
 
+def test_a_notification_then_silence_is_no_data_and_the_request_goes_on(pushgateways):
+    # Kong's unpacker protects a read at a message boundary: "no data", not a decoder error
+    script = {"plugin.StartInstance": [started_instance()],
+              "plugin.HandleEvent": [Raw(msgpack.packb([2, "serverPid", 1]))]}
+    with scripted_host(pushgateways, script) as (pgw, _, host):
+        status, _ = push(host.url + "/metrics/job/notified-then-closed")
+        assert status == 200 and [g["labels"]["job"] for g in pgw.groups()] == ["notified-then-closed"]
+
+
 @pytest.mark.parametrize("fail_fast", [False, True])
 def test_a_failed_start_instance_is_500_or_503(pushgateways, fail_fast):
     script = {"plugin.StartInstance": [RPCError("bad config")]}
