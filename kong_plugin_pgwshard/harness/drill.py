@@ -24,15 +24,13 @@ import random
 import signal
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.grouping import GroupingKey
 from ..core.ring import Member, Ring
 from .nginx import NginxHost
-from .processes import ManagedProcess, PluginServer, Pushgateway, free_port, temp_dir, wait_until
+from .processes import ManagedProcess, PluginServer, Pushgateway, free_port, http_request, temp_dir, wait_until
 
 VALUE = "drill_value"
 
@@ -60,12 +58,9 @@ class DrillResult:
 
 
 def _send(url: str, method: str, body: bytes | None = None) -> int:
-    request = urllib.request.Request(url, data=body, method=method)
+    """The status, 0 when no answer came."""
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status
-    except urllib.error.HTTPError as err:
-        return err.code
+        return http_request(url, method, body, timeout=5)[0]
     except OSError:
         return 0
 

@@ -49,13 +49,19 @@ def free_port(ip: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    """GET url; returns (status, body) for any HTTP answer, raises OSError if none came."""
+def http_request(url: str, method: str = "GET", body: bytes | None = None,
+                 timeout: float = 2.0) -> tuple[int, bytes]:
+    """One request; returns (status, body) for any HTTP answer, raises OSError if none came."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body, method=method), timeout=timeout) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as err:
         return err.code, err.read()
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    """GET url: http_request's (status, body)."""
+    return http_request(url, timeout=timeout)
 
 
 def proc_stat(pid: int) -> list[str]:

@@ -96,21 +96,25 @@ def _nginx_argv(args: argparse.Namespace, conf: Path) -> list[str]:
     return [args.nginx, "-p", prefix, "-c", str(conf), "-e", os.path.join(prefix, "error.log")]
 
 
-def _render(args: argparse.Namespace) -> int:
+def _render_or_say_why(args: argparse.Namespace) -> Path | None:
     try:
-        conf = _render_checked(args)
+        return _render_checked(args)
     except (HostRenderError, OSError) as err:
         print(f"pgwshard host: {err}", file=sys.stderr)
+        return None
+
+
+def _render(args: argparse.Namespace) -> int:
+    conf = _render_or_say_why(args)
+    if conf is None:
         return 1
     print(conf)
     return 0
 
 
 def _run(args: argparse.Namespace) -> int:
-    try:
-        conf = _render_checked(args)
-    except (HostRenderError, OSError) as err:
-        print(f"pgwshard host: {err}", file=sys.stderr)
+    conf = _render_or_say_why(args)
+    if conf is None:
         return 1
     argv = _nginx_argv(args, conf) + ["-g", "daemon off;"]
     os.execvp(argv[0], argv)  # nginx becomes this process: signals and exit status are its own

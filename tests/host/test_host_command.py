@@ -9,8 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ from kong_plugin_pgwshard.harness.processes import (
     Pushgateway,
     free_port,
     http_get,
+    http_request,
     temp_dir,
     wait_until,
 )
@@ -34,12 +33,7 @@ BODY = b"# TYPE x gauge\nx 1\n"
 
 
 def call(url: str, method: str = "PUT", data: bytes = BODY, timeout: float = 30) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, data=data if method in ("PUT", "POST") else None, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read()
+    return http_request(url, method, data if method in ("PUT", "POST") else None, timeout)
 
 
 def _render(pgwshard: list[str], prefix: str, socket_path: str, plugin_config: Path, upstream: str,

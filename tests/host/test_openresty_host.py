@@ -12,19 +12,14 @@ import pytest
 from kong_plugin_pgwshard.core.grouping import parse_push_path
 from kong_plugin_pgwshard.core.ring import Member, Ring
 from kong_plugin_pgwshard.harness.nginx import NginxHost
-from kong_plugin_pgwshard.harness.processes import PluginServer, wait_until
+from kong_plugin_pgwshard.harness.processes import PluginServer, http_request, wait_until
 from tests.support.nginx_host import ProbePluginServer, RPCRelay
 
 BODY = b"# TYPE job_items counter\njob_items 3\n"
 
 
 def call(url: str, method: str = "PUT", body: bytes | None = BODY, timeout: float = 10) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, data=body if method in ("PUT", "POST") else None, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read()
+    return http_request(url, method, body if method in ("PUT", "POST") else None, timeout)
 
 
 @pytest.fixture

@@ -9,8 +9,6 @@ uses consul_sd_configs with the official image.
 from __future__ import annotations
 
 import sys
-import urllib.error
-import urllib.request
 from contextlib import contextmanager
 
 import pytest
@@ -31,6 +29,7 @@ from kong_plugin_pgwshard.harness.processes import (
     PluginServer,
     Pushgateway,
     consul_binary,
+    http_request,
     temp_dir,
     wait_until,
 )
@@ -40,12 +39,7 @@ pytestmark = pytest.mark.skipif(consul_binary() is None, reason="no consul binar
 
 
 def call(url: str, method: str = "PUT", body: bytes = b"# TYPE e2e_items counter\ne2e_items 7\n") -> int:
-    req = urllib.request.Request(url, data=body if method in ("PUT", "POST") else None, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status
-    except urllib.error.HTTPError as err:
-        return err.code
+    return http_request(url, method, body if method in ("PUT", "POST") else None, timeout=10)[0]
 
 
 class World:

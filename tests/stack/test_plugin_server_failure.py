@@ -16,8 +16,6 @@ import signal
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import msgpack
@@ -27,7 +25,7 @@ import yaml
 from kong_plugin_pgwshard.core.grouping import GroupingKey, parse_push_path
 from kong_plugin_pgwshard.core.ring import Member, Ring
 from kong_plugin_pgwshard.harness.nginx import NginxHost
-from kong_plugin_pgwshard.harness.processes import ManagedProcess, PluginServer, temp_dir, wait_until
+from kong_plugin_pgwshard.harness.processes import ManagedProcess, PluginServer, http_request, temp_dir, wait_until
 from tests.support.scripted_plugin_server import (
     Notified,
     Raw,
@@ -44,13 +42,7 @@ UNAVAILABLE = "pgwshard: the plugin server is unavailable"  # the host's fail_fa
 
 
 def push(url: str, value: int = 1, method: str = "PUT", timeout: float = 15) -> tuple[int, bytes]:
-    body = f"# TYPE failover_seq gauge\nfailover_seq {value}\n".encode()
-    req = urllib.request.Request(url, data=body, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read()
+    return http_request(url, method, f"# TYPE failover_seq gauge\nfailover_seq {value}\n".encode(), timeout)
 
 
 def holders(pgws, path: str) -> list[str]:

@@ -1,15 +1,12 @@
 """Deletes through pgwshard-sync stick: real pushgateways with persistence, the real daemon."""
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
-
 import pytest
 
 from kong_plugin_pgwshard.core.grouping import GroupingKey
 from kong_plugin_pgwshard.core.ring import Member, Ring
 from kong_plugin_pgwshard.errors import ConfigError
-from kong_plugin_pgwshard.harness.processes import Pushgateway, free_port, wait_until
+from kong_plugin_pgwshard.harness.processes import Pushgateway, free_port, http_request, wait_until
 from kong_plugin_pgwshard.sync.daemon import Daemon
 from kong_plugin_pgwshard.sync.deletes import Tombstones
 from kong_plugin_pgwshard.sync.settings import parse_settings
@@ -17,12 +14,7 @@ from tests.support.daemon import file_members, running
 
 
 def request(url: str, method: str, body: bytes | None = None) -> int:
-    req = urllib.request.Request(url, data=body, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status
-    except urllib.error.HTTPError as err:
-        return err.code
+    return http_request(url, method, body, timeout=10)[0]
 
 
 def held(pgw) -> dict[str, float]:
