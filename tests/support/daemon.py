@@ -1,11 +1,25 @@
 """pgwshard-sync's Daemon run in a thread of the test, and what its file_sd sink wrote."""
 from __future__ import annotations
 
-import json
 import threading
 from contextlib import contextmanager
 
+from kong_plugin_pgwshard.core.file_sd import parse_file_sd
 from kong_plugin_pgwshard.sync.daemon import Daemon
+from kong_plugin_pgwshard.sync.settings import Settings, parse_settings
+
+
+def registering_settings(consul, pgws, sd_path, wait: str) -> Settings:
+    """pgwshard-sync on `consul`, registering `pgws` with 1 s checks, writing file_sd to
+    sd_path, rebalancing off."""
+    return parse_settings({
+        "pushgateways": [p.address for p in pgws],
+        "consul": {"address": consul.url, "wait": wait, "backoff": [0.2, 0.5],
+                   "register": {"enabled": True, "check_interval": "1s", "check_timeout": "1s"}},
+        "membership": {"hold_down": "1s"},
+        "file_sd": {"path": str(sd_path)},
+        "rebalance": {"enabled": False},
+    }, "test")
 
 
 @contextmanager
@@ -22,8 +36,8 @@ def running(daemon: Daemon):
 
 
 def file_members(path) -> set[str] | None:
-    """The targets of a file_sd file, None while it is absent or half-written."""
+    """Every member a file_sd file lists (weights aside), None while it is absent or half-written."""
     try:
-        return set(json.loads(path.read_text())[0]["targets"])
+        return {m.name for m in parse_file_sd(path.read_text())}
     except (OSError, ValueError):
         return None

@@ -22,12 +22,10 @@ from kong_plugin_pgwshard.harness.processes import (
 )
 from kong_plugin_pgwshard.sync.daemon import Daemon, Damper
 from kong_plugin_pgwshard.sync.settings import parse_settings
-from tests.support.daemon import file_members, running
+from tests.support.daemon import file_members, registering_settings, running
 
 CONSUL_TOKEN = "consul-token-never-logged"
 KONG_TOKEN = "kong-admin-token-never-logged"
-
-
 
 
 @pytest.fixture
@@ -186,19 +184,12 @@ def test_consul_restarted_empty_is_re_registered_and_nothing_is_removed(consul_s
             again.stop()
 
 
-def test_a_restarted_agent_is_noticed_before_a_long_wait_elapses(consul, pushgateways, kong_admin, tmp_path):
+def test_a_restarted_agent_is_noticed_before_a_long_wait_elapses(consul, pushgateways, tmp_path):
     """A blocking query that kept the old agent's index waited the new agent's whole `wait`
     (FIELD-NOTES: ~38 s), with the pushgateways unregistered meanwhile. After an error the query
     starts without an index, and the pushgateways are registered again at its first answer."""
     pgws = pushgateways(2)
-    settings = parse_settings({
-        "pushgateways": [p.address for p in pgws],
-        "consul": {"address": consul.url, "wait": "120s", "backoff": [0.2, 0.5],
-                   "register": {"enabled": True, "check_interval": "1s", "check_timeout": "1s"}},
-        "membership": {"hold_down": "1s"},
-        "file_sd": {"path": str(tmp_path / "sd.json")},
-        "rebalance": {"enabled": False},
-    }, "test")
+    settings = registering_settings(consul, pgws, tmp_path / "sd.json", wait="120s")
     daemon = Daemon(settings)
     with running(daemon):
         wait_until(lambda: len(daemon.damper._healthy) == 2, 20, what="registered and passing")

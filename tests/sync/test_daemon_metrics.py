@@ -8,7 +8,7 @@ import time
 from kong_plugin_pgwshard.harness.processes import wait_until
 from kong_plugin_pgwshard.sync.daemon import Daemon
 from kong_plugin_pgwshard.sync.settings import parse_settings
-from tests.support.daemon import running
+from tests.support.daemon import registering_settings, running
 
 
 def value(daemon: Daemon, name: str, **labels) -> float | None:
@@ -17,14 +17,7 @@ def value(daemon: Daemon, name: str, **labels) -> float | None:
 
 def test_a_consul_outage_stops_the_last_success_timestamp_while_the_sinks_stay_in_sync(consul, pushgateways, tmp_path):
     pgws = pushgateways(2)
-    settings = parse_settings({
-        "pushgateways": [p.address for p in pgws],
-        "consul": {"address": consul.url, "wait": "1s", "backoff": [0.2, 0.5],
-                   "register": {"enabled": True, "check_interval": "1s", "check_timeout": "1s"}},
-        "membership": {"hold_down": "1s"},
-        "file_sd": {"path": str(tmp_path / "sd.json")},
-        "rebalance": {"enabled": False},
-    }, "test")
+    settings = registering_settings(consul, pgws, tmp_path / "sd.json", wait="1s")
     daemon = Daemon(settings)
     stamp = "pgwshard_health_source_last_success_timestamp_seconds"
     assert value(daemon, stamp) == 0  # never succeeded yet: the staleness alert counts from 1970
