@@ -4,7 +4,7 @@
         the canonical grouping key and the owning pushgateway of each push path
     pgwshard rebalance [--nodes H:P[=WEIGHT],H:P | --nodes-file SD.json] [--instances H:P,...] [--dry-run]
         move every group to its owner on the ring (docs/rebalancing.md); --dry-run prints the plan
-    pgwshard status [--nodes H:P,H:P | --nodes-file SD.json | --config pgwshard.yml] [--json]
+    pgwshard status [--nodes H:P[=WEIGHT],H:P | --nodes-file SD.json | --config pgwshard.yml] [--json]
         members, their health and weight, groups per member, groups not on their owner,
         duplicated groups, newest and oldest push per member; exit 1 when something needs attention
     pgwshard host render|run --prefix DIR --listen ADDR --plugin-config FILE --upstream IP:PORT,...

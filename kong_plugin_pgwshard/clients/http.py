@@ -12,7 +12,8 @@ What every call gets:
   even for 127.0.0.1, which sent `Kong-Admin-Token` to whatever proxy the shell had set.
   A proxy is used only when configured (`proxy=`), and then only explicitly;
 - a pooled Session per client (keep-alive: the rebalancer's PUT and DELETE reuse connections);
-- bounded retries with backoff only for idempotent reads (GET/HEAD), and only where a retry
+- bounded retries with backoff only for idempotent reads (GET/HEAD/OPTIONS) whose caller
+  names the statuses it takes (`ok`; the Kong client takes any and maps them itself), only where a retry
   can help: no connection, or 502/503/504. A read that timed out is not retried (a hung
   remote would hold the caller `retries` times longer), nor is a write (a PUT or DELETE that
   may have landed must not be replayed after a client pushed again);
@@ -152,11 +153,12 @@ def _worth_retrying(exc: BaseException, err: UpstreamError) -> bool:
     return type(err) is TransportError or (isinstance(err, UpstreamTimeout) and isinstance(exc, requests.ConnectTimeout))
 
 
-def _causes(exc: BaseException, depth: int = 8) -> Iterator[BaseException]:
-    """exc and what it wraps: urllib3 and requests nest the real error in args and `reason`."""
+def _causes(exc: BaseException, limit: int = 32) -> Iterator[BaseException]:
+    """exc and what it wraps (at most `limit`): urllib3 and requests nest the real error in
+    args and `reason`."""
     seen: set[int] = set()
     todo = [exc]
-    while todo and len(seen) < depth * 4:
+    while todo and len(seen) < limit:
         e = todo.pop(0)
         if id(e) in seen:
             continue
@@ -189,6 +191,6 @@ def translate(exc: BaseException, *, target: str, what: str) -> UpstreamError | 
         return ProtocolError(f"{target}: {what}: not an HTTP answer ({detail})", target=target)
     if isinstance(exc, (requests.RequestException, urllib3.exceptions.HTTPError, OSError)):
         return TransportError(f"{target}: {what}: {detail}", target=target)
-    if isinstance(exc, (ValueError, UnicodeError)):  # a URL or header requests cannot send
+    if isinstance(exc, ValueError):  # a URL or header requests cannot send (UnicodeError too)
         return TransportError(f"{target}: {what}: cannot send: {detail}", target=target)
     return None

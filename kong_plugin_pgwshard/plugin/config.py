@@ -40,7 +40,7 @@ FIELDS: tuple[dict[str, dict[str, Any]], ...] = (
                                   "targets: its Admin API (DB mode), or its Status API (status_listen) on "
                                   "DB-less nodes and hybrid data planes"}},
     # Kong resolves a {vault://...} reference in a referenceable field before the config reaches
-    # the plugin server (kong/db/schema/init.lua process_auto_fields, plugins_iterator.lua).
+    # the plugin server (kong/db/schema/init.lua process_auto_fields, kong/runloop/plugins_iterator.lua).
     {"admin_token": {"type": "string", "referenceable": True,
                      "description": "membership upstream: sent as Kong-Admin-Token (Kong Enterprise RBAC or a "
                                     "proxy in front of the Admin API); best as {vault://env/kong-admin-token}; "

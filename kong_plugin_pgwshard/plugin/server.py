@@ -23,8 +23,9 @@ The loop waits on Kong only in one case: it reads only readable sockets, and ans
 hundred bytes, far below a unix socket's buffer, so a send waits (at most SEND_TIMEOUT_SECONDS)
 only when a peer stopped reading. A plugin phase must not block either (pgwshard's does
 no I/O); StartInstance does block the loop while a new instance makes its first membership
-read (`membership: upstream`: the Admin API, 2 s at most, once per shared source). Like
-kong-pdk's server it exits when its parent (Kong) is gone.
+read (`membership: upstream`: the Admin API, 2 s at most, once per shared source). It stops
+as `rpc.Watchdog` says: when the parent that started it (Kong) is gone, unless run supervised
+(`--no-parent-watchdog`), and when its socket is removed or taken over.
 """
 from __future__ import annotations
 
