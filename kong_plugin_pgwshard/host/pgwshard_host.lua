@@ -1,6 +1,9 @@
 -- pgwshard_host: run the pgwshard plugin under plain nginx + Lua, speaking Kong's plugin-server
--- protocol exactly as Kong 3.9.3 does (kong/runloop/plugin_servers/rpc/mp_rpc.lua, plugin.lua),
--- so the unchanged plugin server cannot tell the difference:
+-- protocol as Kong 3.9.3 does (kong/runloop/plugin_servers/rpc/mp_rpc.lua, plugin.lua): the same
+-- framing, encoder, calls and failure handling. Known differences: get_headers/get_query are
+-- answered by a plain Step with nginx's table, where Kong sends plugin.StepMultiMap with every
+-- value in a list (mp_rpc.lua fix_mmap); StartInstance sends the config file as written, where
+-- Kong sends the entity's config with defaults filled and its own keys (__seq__, ...) added.
 --   * msgpack RPC over the unix socket: [0, msgid, method, {args}] -> [1, msgid, error, result];
 --   * plugin.StartInstance {Name, Config = <json>} once per worker (and again, with a
 --     CloseInstance of the old one, when the plugin config changes);
@@ -42,6 +45,7 @@ local NO_START = "no start"     -- StartInstance failed
 -- kong/runloop/plugin_servers/plugin.lua, get_instance_id: a request meeting another one's
 -- StartInstance waits for it up to 10 s, then gives up on the plugin for this request.
 local START_WAIT_SECONDS = 10
+local START_WAIT_STEP = 0.1 -- plugin.lua get_instance_id: SLEEP_STEP, up to WAIT_TIME (10 s)
 -- Kong retries "no plugin instance" without limit (mp_rpc.lua, Rpc:handle_event calls itself).
 -- A server that forgets every instance it starts would loop a request through StartInstance
 -- forever; three rounds cover a restart racing other requests, then it counts as a failure.
@@ -166,8 +170,8 @@ local function start_instance(close_old)
     if waited >= START_WAIT_SECONDS then
       return nil, "could not claim the instance id of " .. settings.plugin, NO_ANSWER
     end
-    ngx.sleep(0.01)
-    waited = waited + 0.01
+    ngx.sleep(START_WAIT_STEP)
+    waited = waited + START_WAIT_STEP
   end
   if waited > 0 and instance_id then
     return instance_id

@@ -128,16 +128,15 @@ value = function(s, i, n)
   error(string.format("msgpack type 0x%02x is not supported", b), 0) -- ext types, 0xc1
 end
 
-function M.decode(s)
-  local n = #s
-  local v, i = value(s, 1, n)
-  if i <= n then error("extra bytes after a msgpack value", 0) end
-  return v
-end
-
 -- decode_first(s): the first value `s` holds and the index after it (bytes may follow).
 function M.decode_first(s)
   return value(s, 1, #s)
+end
+
+function M.decode(s)
+  local v, i = M.decode_first(s)
+  if i <= #s then error("extra bytes after a msgpack value", 0) end
+  return v
 end
 
 return M
