@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from ..clients.kong import upstreams_of
+from ..clients.kong import read_declarative
 from ..core.ring import DEFAULT_WEIGHT, Member
 from ..errors import ConfigError
 
@@ -425,7 +425,7 @@ def _check_declarative(s: _Section, path: str) -> None:
     """The declarative file must be readable and hold a config whose upstreams pgwshard can edit
     (it is re-read at every write; a later bad edit is reported by the sink, not fatal)."""
     try:
-        upstreams_of(yaml.safe_load(Path(path).read_text(encoding="utf-8")), path)
+        read_declarative(path)
     except OSError as err:
         raise s.error("declarative_file", f"cannot read {path!r}: {err.strerror}") from None
     except (yaml.YAMLError, ValueError) as err:

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import yaml
 
-from ..clients.kong import KongAdmin, KongBusy, new_upstream, upstreams_of
+from ..clients.kong import KongAdmin, KongBusy, new_upstream, read_declarative
 from ..core.file_sd import render_file_sd
 from ..core.ring import Member
 from ..errors import UpstreamError
@@ -84,8 +84,7 @@ class DeclarativeSink:
     def render(self, members: Sequence[Member]) -> dict:
         """The user's declarative config, re-read each time, with only this upstream's targets replaced."""
         try:
-            doc = yaml.safe_load(Path(self.declarative_file).read_text(encoding="utf-8"))
-            upstreams = upstreams_of(doc, self.declarative_file)
+            doc, upstreams = read_declarative(self.declarative_file)
         except (OSError, yaml.YAMLError, ValueError) as err:
             # the file is ours to read, not Kong's answer; the daemon logs, counts and retries it
             raise UpstreamError(f"cannot use {self.declarative_file}: {err}", target=self.declarative_file) from None
