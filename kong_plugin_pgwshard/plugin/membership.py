@@ -97,6 +97,8 @@ def read_upstream_targets(admin_url: str, upstream: str, token: str | None, time
         targets = [(t["target"], int(t.get("weight", 100))) for t in admin.targets(upstream)]
     except (KeyError, TypeError, ValueError) as err:
         raise UpstreamError(f"upstream {upstream} at {admin_url}: malformed target entity: {err}") from None
+    finally:
+        admin.close()  # one read per refresh: its pooled connection is not kept
     # weight 0 is Kong's "receives no traffic": such a target owns no groups either
     return [Member.parse(target, weight) for target, weight in targets if weight > 0]
 

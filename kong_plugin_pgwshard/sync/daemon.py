@@ -193,10 +193,9 @@ class Daemon:
         self._snapshots: queue.Queue[HealthSnapshot] = queue.Queue()
         self._rebalance_wanted = threading.Event()
         self._changed_at = 0.0  # monotonic time of the last membership change
-        self._ring = Ring()
         # What the rebalance thread reads: one immutable (ring, known instances) pair, replaced
         # whole by the main thread, never mutated, so a pass sees one consistent membership.
-        self.placement: tuple[Ring, tuple[Member, ...]] = (self._ring, tuple(sorted(self.known)))
+        self.placement: tuple[Ring, tuple[Member, ...]] = (Ring(), tuple(sorted(self.known)))
         self._had_good = False  # no write happens before the first good snapshot
         self._source_failing = False
         self._last_snapshot = time.monotonic()
@@ -272,12 +271,18 @@ class Daemon:
             # a copy that keeps being pushed moves after MAX_WAIT_QUIETS x quiet anyway)
             from ..rebalance.rebalancer import MAX_WAIT_QUIETS
             for _ in range(MAX_WAIT_QUIETS + 2):
-                report = self.rebalancer.reconcile(ring, instances)
-                log.info("reconciliation: %s", report)
-                if report.retry_after is None:
+                again_in = self._reconcile(ring, instances)
+                if again_in is None:
                     break
-                time.sleep(max(0.0, report.retry_after) + 0.5)
+                time.sleep(again_in)
         return synced
+
+    def _reconcile(self, ring: Ring, instances: tuple[Member, ...]) -> float | None:
+        """One pass; seconds until another is due because copies wait for their clients'
+        silence (rebalance.quiet), or None."""
+        report = self.rebalancer.reconcile(ring, instances)
+        log.info("reconciliation: %s", report)
+        return None if report.retry_after is None else max(0.0, report.retry_after) + 0.5
 
     @property
     def synced(self) -> bool:
@@ -362,7 +367,7 @@ class Daemon:
         self._had_good = True
         if not healthy <= self.known:
             self.known = self.known | healthy
-            self.placement = (self._ring, tuple(sorted(self.known)))
+            self.placement = (self.placement[0], tuple(sorted(self.known)))
         self.damper.observe(healthy)
 
     def _apply(self, wanted: frozenset[Member] | None) -> None:
@@ -379,8 +384,7 @@ class Daemon:
             self.damper.applied = wanted
             self.metrics.members.set(len(wanted))
             self.metrics.changes.inc()
-            self._ring = Ring(wanted)
-            self.placement = (self._ring, tuple(sorted(self.known)))
+            self.placement = (Ring(wanted), tuple(sorted(self.known)))
             self._changed_at = time.monotonic()
             for worker in self.workers:
                 worker.offer(wanted)
@@ -404,13 +408,16 @@ class Daemon:
         from .deletes import apply_tombstones
         refused = set()
         for member in wanted - old:
+            client = PushgatewayClient(member.name)
             try:
-                removed = apply_tombstones(PushgatewayClient(member.name), self.tombstones)
+                removed = apply_tombstones(client, self.tombstones)
                 if removed:
                     log.info("%s rejoins: deleted %d group(s) deleted while it was away", member.name, removed)
             except UpstreamError as err:
                 log.warning("%s stays out until it takes the tombstones: %s", member.name, err)
                 refused.add(member)
+            finally:
+                client.close()
         return wanted - refused
 
     def _rebalance_loop(self) -> None:
@@ -435,10 +442,9 @@ class Daemon:
             if self.damper.applied is None or not ring.members:
                 continue
             try:
-                report = self.rebalancer.reconcile(ring, instances)
-                log.info("reconciliation: %s", report)
-                if report.retry_after is not None:  # copies wait for their clients' silence
-                    due = time.monotonic() + max(0.0, report.retry_after) + 0.5
+                again_in = self._reconcile(ring, instances)
+                if again_in is not None:
+                    due = time.monotonic() + again_in
                     follow_up_at = due if follow_up_at is None else min(follow_up_at, due)
             except Exception:  # noqa: BLE001 - a failed pass is retried at the next one
                 log.exception("reconciliation failed; the next pass retries")

@@ -179,10 +179,13 @@ class DeleteAPI:
             return 503, "the delete could not be recorded; nothing was deleted"
         failed = []
         for name in sorted(set(self.instances())):
+            client = PushgatewayClient(name, timeout=self.timeout)
             try:
-                PushgatewayClient(name, timeout=self.timeout).delete_group(key)
+                client.delete_group(key)
             except UpstreamError as err:
                 failed.append(name)  # the tombstone deletes it before that instance rejoins
                 log.debug("%s", err)
+            finally:
+                client.close()
         log.info("deleted %s%s", key, f" (later on {','.join(failed)})" if failed else "")
         return 202, ""

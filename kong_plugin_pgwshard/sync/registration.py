@@ -12,7 +12,6 @@ from collections.abc import Collection, Sequence
 import consul
 
 from ..core.ring import Member
-from ..errors import StatusError, UpstreamError
 from .health.consul import consul_error
 from .settings import ConsulSettings
 
@@ -53,12 +52,6 @@ def sync_registrations(client: consul.Consul, settings: ConsulSettings, pushgate
         mapped = consul_error(err, settings.address, "registration")
         if mapped is None:
             raise
-        raise type(mapped)(f"consul registration failed: {mapped}", **_fields(mapped)) from err
+        mapped.args = (f"consul registration failed: {mapped}",)  # the same error, saying where
+        raise mapped from err
     log.info("registered %d pushgateways in consul as %r", len(wanted), settings.service)
-
-
-def _fields(err: UpstreamError) -> dict:
-    fields: dict = {"target": err.target}
-    if isinstance(err, StatusError):
-        fields.update(status=err.status, body=err.body)
-    return fields
