@@ -305,10 +305,12 @@ class KongAdminDouble:
                                                 "message": f"UNIQUE violation detected on '{{name=\"{body['name']}\"}}'",
                                                 "fields": {"name": body["name"]}})
                     double.writes.append((method, "/upstreams"))
-                    # kong/db/schema/entities/upstreams.lua: a hash_on other than none makes the
-                    # algorithm consistent-hashing (the shorthand); round-robin is the default
-                    fields = {"hash_on": body.get("hash_on", "none")}
-                    fields["algorithm"] = "round-robin" if fields["hash_on"] == "none" else "consistent-hashing"
+                    # kong/db/schema/entities/upstreams.lua: round-robin by default; a hash_on in
+                    # the body sets the algorithm too (shorthand_fields: none -> round-robin,
+                    # else consistent-hashing), without one a posted algorithm stays
+                    fields = {"hash_on": body.get("hash_on", "none"), "algorithm": body.get("algorithm", "round-robin")}
+                    if "hash_on" in body:
+                        fields["algorithm"] = "round-robin" if fields["hash_on"] == "none" else "consistent-hashing"
                     double.add_upstream(body["name"], **fields)
                     return self._send(201, double.upstreams[body["name"]])
                 name = self._upstream(parts[1])
