@@ -14,10 +14,7 @@ from __future__ import annotations
 import builtins
 import json
 import urllib.parse
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from ..errors import ClientStatusError, ProtocolError, status_error
 from .http import ANY_STATUS, HttpClient, Timeouts
@@ -161,13 +158,6 @@ def _hint(method: str, path: str, status: int, raw: bytes) -> str:
     if (status == 404 and path == "/upstreams") or (status == 405 and b"Method not allowed" in raw):
         return " (a read-only Kong API such as the Status API? pgwshard-sync writes to the Admin API)"
     return ""
-
-
-def read_declarative(path: str) -> tuple[dict, list[dict]]:
-    """A declarative config file and its `upstreams` list (upstreams_of); OSError, yaml.YAMLError
-    or ValueError naming the file."""
-    doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    return doc, upstreams_of(doc, path)
 
 
 def upstreams_of(doc: Any, source: str) -> list[dict]:

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from ..clients.kong import read_declarative
+from ..clients.kong import upstreams_of
 from ..core.ring import DEFAULT_WEIGHT, Member
 from ..errors import ConfigError
 
@@ -419,6 +419,14 @@ def _kong(s: _Section, environ: Mapping[str, str]) -> KongSettings:
         _check_declarative(s, settings.declarative_file)
     s.done()
     return settings
+
+
+def read_declarative(path: str) -> tuple[dict, list[dict]]:
+    """A declarative config file and its `upstreams` list (upstreams_of); OSError, yaml.YAMLError
+    or ValueError naming the file. (Here, not in clients/kong.py: the plugin imports that, and
+    the request path loads no YAML.)"""
+    doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    return doc, upstreams_of(doc, path)
 
 
 def _check_declarative(s: _Section, path: str) -> None:

@@ -16,11 +16,11 @@ from typing import Protocol
 
 import yaml
 
-from ..clients.kong import KongAdmin, KongBusy, new_upstream, read_declarative
+from ..clients.kong import KongAdmin, KongBusy, new_upstream
 from ..core.file_sd import render_file_sd
 from ..core.ring import Member
 from ..errors import UpstreamError
-from .settings import FileSdSettings, KongSettings, Settings
+from .settings import FileSdSettings, KongSettings, Settings, read_declarative
 
 log = logging.getLogger("pgwshard.sinks")
 
