@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 _TEMP_PATHS: list[str] = []
 
@@ -30,7 +31,8 @@ def temp_dir(prefix: str) -> str:
     return path
 
 
-_RUNNING: set[ManagedProcess] = set()
+# what a test forgot to stop: ManagedProcesses, and Kong nodes (harness/kong.py)
+_RUNNING: set[Any] = set()
 
 
 @atexit.register
@@ -50,10 +52,11 @@ def free_port(ip: str = "127.0.0.1") -> int:
 
 
 def http_request(url: str, method: str = "GET", body: bytes | None = None,
-                 timeout: float = 2.0) -> tuple[int, bytes]:
+                 timeout: float = 2.0, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     """One request; returns (status, body) for any HTTP answer, raises OSError if none came."""
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, data=body, method=method), timeout=timeout) as resp:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as err:
         return err.code, err.read()
@@ -271,7 +274,7 @@ class PluginServer(ManagedProcess):
         self.prefix = prefix or temp_dir("pgwshard-prefix-")
         os.chmod(self.prefix, 0o711)
         super().__init__("plugin-server", [
-            sys.executable, "-m", "kong_plugin_pgwshard.plugin.server", "-p", self.prefix,
+            sys.executable, "-m", "kong_plugin_pgwshard.plugin.start", "-p", self.prefix,
             "--socket-mode", f"{self.SOCKET_MODE:o}", *(extra_args or []),
         ])
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import select
+import signal
 import socket
 import time
 import traceback
@@ -19,6 +20,7 @@ from kong_pdk.exception import PDKException, PluginServerException
 from .events import PgwshardPluginServer
 
 WATCHDOG_SECONDS = 1.0
+DRAIN_SECONDS = 10.0  # past Kong's plugin-server read timeout (kong.conf: 5 s)
 SEND_TIMEOUT_SECONDS = 5.0
 
 
@@ -78,15 +80,16 @@ class RPCServer:
     socket_mode: the socket file's mode (e.g. 0o660, so that nginx workers in the server's group
     may connect); None leaves it to the umask."""
 
-    def __init__(self, server: PgwshardPluginServer, path: str, listen_queue_size: int = 4096,
-                 follow_parent: bool = True, socket_mode: int | None = None):
+    def __init__(self, server: PgwshardPluginServer, listener: socket.socket, follow_parent: bool = True):
+        """listener: a listening unix socket (start.listen_unix), bound before the slow imports."""
         self.server = server
-        self.path = path
-        self.listen_queue_size = listen_queue_size
-        self.watchdog = Watchdog(path, follow_parent)
-        self.socket_mode = socket_mode
+        self.path = listener.getsockname()
+        self._listener = listener
+        self.watchdog = Watchdog(self.path, follow_parent)
+        self.watchdog.bound()
         self._methods: dict[str, Any] = {}
         self._pack = msgpack.Packer(unicode_errors="surrogateescape").pack  # bytes go back as they came
+        self._terminated = False
 
     def _dispatch(self, msgid: int, method: str, args: list) -> bytes:
         if not isinstance(method, str) or not isinstance(args, list):
@@ -110,45 +113,58 @@ class RPCServer:
         return self._pack([1, msgid, error, result])
 
     def serve_forever(self) -> None:
-        if os.path.exists(self.path):
-            os.remove(self.path)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(self.path)
-        if self.socket_mode is not None:
-            os.chmod(self.path, self.socket_mode)
-        self.watchdog.bound()
-        listener.listen(self.listen_queue_size)
+        """Serve until told to stop (SIGTERM, or a reason of the Watchdog's), then drain: no new
+        connections, and the open ones served until Kong closes them or DRAIN_SECONDS pass.
+
+        Kong stops a plugin server while requests still use it: on `kong reload` the old worker
+        0 sends SIGTERM on its exit (process.lua) while the other old workers finish their
+        requests, and the new worker 0 has already started a server on the same path. A server
+        that died there broke those requests' RPCs ("broken pipe"), and Kong sent the pushes on
+        without the plugin, to a non-owner."""
+        listener = self._listener
         listener.setblocking(False)
-        self._listener, self._poller = listener, select.epoll()
+        self._poller = select.epoll()
         self._poller.register(listener.fileno(), select.EPOLLIN)
         self._connections: dict[int, tuple[socket.socket, msgpack.Unpacker]] = {}
         self._accept_paused = False
+        previous = signal.signal(signal.SIGTERM, self._terminate)
         self.server.logger.info(f"server started at path {self.path}")
         next_tick = time.monotonic() + WATCHDOG_SECONDS
+        drain_until: float | None = None
         try:
-            while True:
+            while drain_until is None or (self._connections and time.monotonic() < drain_until):
                 for fd, _ in self._poller.poll(WATCHDOG_SECONDS):
                     if fd == listener.fileno():
                         self._accept()
                     else:
                         self._serve(fd)
                 now = time.monotonic()
+                if drain_until is None:
+                    reason = "terminated (SIGTERM)" if self._terminated else None
+                    if reason is None and now >= next_tick:
+                        reason = self.watchdog.reason_to_stop()
+                    if reason:
+                        self.server.logger.info(f"{reason}; draining {len(self._connections)} connections")
+                        self._poller.unregister(listener.fileno())
+                        listener.close()  # the path stays: it may be a newer server's by now
+                        drain_until = now + DRAIN_SECONDS
+                        continue
                 if now < next_tick:
                     continue
                 next_tick = now + WATCHDOG_SECONDS
-                reason = self.watchdog.reason_to_stop()
-                if reason:
-                    self.server.logger.info(reason)
-                    return
                 self.server.expire_events(now)
-                if self._accept_paused:
+                if self._accept_paused and drain_until is None:
                     self._accept_paused = False
                     self._poller.modify(listener.fileno(), select.EPOLLIN)
         finally:
+            signal.signal(signal.SIGTERM, previous)
             for conn, _ in self._connections.values():
                 conn.close()
             self._poller.close()
             listener.close()
+
+    def _terminate(self, signum, frame) -> None:
+        self._terminated = True
 
     def _accept(self) -> None:
         try:

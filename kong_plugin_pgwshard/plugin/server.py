@@ -32,7 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
+import socket
 import sys
 
 from kong_pdk.logger import Logger
@@ -44,7 +44,7 @@ from .rpc import RPCServer
 
 NAME = handler.NAME
 
-__all__ = ["NAME", "RPCServer", "PgwshardPluginServer", "build_server", "main"]
+__all__ = ["NAME", "RPCServer", "PgwshardPluginServer", "build_server", "run"]
 
 
 class _Definition:
@@ -63,48 +63,22 @@ def build_server(verbose: int = 1, definition: type = _Definition) -> PgwshardPl
     return server
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="pgwshard-plugin", description="The pgwshard Kong plugin server.")
-    parser.add_argument("-p", "--kong-prefix", "-kong-prefix", dest="prefix", default="/usr/local/kong/",
-                        help="directory of the unix socket (default: %(default)s)")
-    parser.add_argument("--socket-name", default=f"{NAME}.sock", help="socket file name (default: %(default)s)")
-    parser.add_argument("--listen-queue-size", type=int, default=4096)
-    parser.add_argument("--socket-mode", type=_octal, help="the socket's mode, e.g. 0660 for nginx workers in "
-                                                          "this server's group (default: from the umask)")
-    parser.add_argument("--no-parent-watchdog", dest="follow_parent", action="store_false",
-                        help="run under a supervisor (systemd, a container's init): do not exit when the "
-                             "parent process does (a server started by init never follows it)")
-    parser.add_argument("-v", "--verbose", action="count", default=1, help="more logging, repeatable")
-    parser.add_argument("--dump", "-dump", action="store_true", help="print the plugin info Kong asks for, and exit")
-    return parser.parse_args(argv)
-
-
-def _octal(text: str) -> int:
-    try:
-        mode = int(text, 8)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an octal file mode: {text!r}") from None
-    if not 0 <= mode <= 0o777:
-        raise argparse.ArgumentTypeError(f"not a file mode: {text!r}")
-    return mode
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def run(args: argparse.Namespace, listener: socket.socket | None) -> None:
+    """Serve on `listener` (bound by `start.main` before these imports), or print the plugin
+    info Kong asks for (`--dump`, no listener)."""
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s [pgwshard] %(levelname)s %(name)s: %(message)s")
     server = build_server(args.verbose)
-    if args.dump:
+    if listener is None:
         sys.stdout.write(json.dumps([server.get_plugin_info(NAME)]))
         return
-    if not os.path.isdir(args.prefix):
-        sys.exit(f"pgwshard-plugin: the prefix {args.prefix} is not a directory")
     try:
-        RPCServer(server, os.path.join(args.prefix, args.socket_name), args.listen_queue_size,
-                  args.follow_parent, args.socket_mode).serve_forever()
+        RPCServer(server, listener, args.follow_parent).serve_forever()
     except KeyboardInterrupt:
         pass
 
 
 if __name__ == "__main__":
+    from .start import main
+
     main()

@@ -42,10 +42,11 @@ class Plugin:
 
 
 def serve_with_pgwshard_plugin(prefix: str) -> None:
-    from kong_plugin_pgwshard.plugin.server import NAME, RPCServer, build_server
+    from kong_plugin_pgwshard.plugin.server import RPCServer, build_server
+    from kong_plugin_pgwshard.plugin.start import SOCKET_NAME, listen_unix
 
     definition = type("probe", (), {"Plugin": Plugin, "Schema": [], "version": "0.0.1", "priority": 0})
-    RPCServer(build_server(definition=definition), os.path.join(prefix, f"{NAME}.sock")).serve_forever()
+    RPCServer(build_server(definition=definition), listen_unix(os.path.join(prefix, SOCKET_NAME))).serve_forever()
 
 
 if __name__ == "__main__":

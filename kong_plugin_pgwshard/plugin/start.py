@@ -1,0 +1,72 @@
+"""`pgwshard-plugin`'s entry point: the socket Kong connects to exists before anything slow.
+
+Kong spawns the plugin server from worker 0 as it starts (and on every `kong reload`) and
+proxies at once: a request whose worker has no plugin instance yet calls StartInstance, and if
+the socket does not exist that call fails and Kong answers 500 (`plugin.lua`: "starting
+instance: no such file or directory"). Importing the plugin server takes 100-200 ms (kong-pdk,
+requests, msgpack); binding a unix socket takes microseconds. So this module imports only the
+standard library, binds and listens first, then imports the server: a StartInstance that comes
+meanwhile waits in the listen queue, within Kong's read timeout, and is answered.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+
+SOCKET_NAME = "pgwshard.sock"  # "<plugin name>.sock", as kong-pdk's dedicated servers name theirs
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="pgwshard-plugin", description="The pgwshard Kong plugin server.")
+    parser.add_argument("-p", "--kong-prefix", "-kong-prefix", dest="prefix", default="/usr/local/kong/",
+                        help="directory of the unix socket (default: %(default)s)")
+    parser.add_argument("--socket-name", default=SOCKET_NAME, help="socket file name (default: %(default)s)")
+    parser.add_argument("--listen-queue-size", type=int, default=4096)
+    parser.add_argument("--socket-mode", type=_octal, help="the socket's mode, e.g. 0660 for nginx workers in "
+                                                          "this server's group (default: from the umask)")
+    parser.add_argument("--no-parent-watchdog", dest="follow_parent", action="store_false",
+                        help="run under a supervisor (systemd, a container's init): do not exit when the "
+                             "parent process does (a server started by init never follows it)")
+    parser.add_argument("-v", "--verbose", action="count", default=1, help="more logging, repeatable")
+    parser.add_argument("--dump", "-dump", action="store_true", help="print the plugin info Kong asks for, and exit")
+    return parser.parse_args(argv)
+
+
+def _octal(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal file mode: {text!r}") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"not a file mode: {text!r}")
+    return mode
+
+
+def listen_unix(path: str, queue_size: int = 4096, mode: int | None = None) -> socket.socket:
+    """A listening unix socket at path, replacing what is there (a previous server's socket: it
+    notices and drains, see rpc.RPCServer)."""
+    if os.path.exists(path):
+        os.remove(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    if mode is not None:
+        os.chmod(path, mode)
+    listener.listen(queue_size)
+    return listener
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    listener = None
+    if not args.dump:
+        if not os.path.isdir(args.prefix):
+            sys.exit(f"pgwshard-plugin: the prefix {args.prefix} is not a directory")
+        listener = listen_unix(os.path.join(args.prefix, args.socket_name), args.listen_queue_size, args.socket_mode)
+    from .server import run  # the slow imports, once Kong can connect
+    run(args, listener)
+
+
+if __name__ == "__main__":
+    main()

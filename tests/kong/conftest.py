@@ -1,0 +1,115 @@
+"""Real Kong 3.9.3 (.ci/build-kong.sh builds it from ../shared/kong-3.9.3; PGWSHARD_KONG names
+another Kong 3.9 install's `kong`): a DB-less node with the shipped kong.conf lines and kong.yml,
+pgwshard-sync writing its /config, real pushgateways."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import yaml
+
+from kong_plugin_pgwshard.core.grouping import GroupingKey, parse_push_path
+from kong_plugin_pgwshard.core.ring import Member, Ring
+from kong_plugin_pgwshard.harness.kong import Kong, kong_binary, shipped_declarative
+from kong_plugin_pgwshard.harness.processes import (
+    ManagedProcess,
+    Pushgateway,
+    http_get,
+    temp_dir,
+    wait_until,
+)
+from tests.support import REPO
+
+KONG_CONF = REPO / "kong" / "kong.conf"
+KONG_YML = REPO / "kong" / "kong.yml"
+
+
+@pytest.fixture(scope="session")
+def kong_bin() -> str:
+    """The `kong` to run. Where CI runs (CI=true) a missing Kong fails the run; elsewhere the
+    Kong tests skip with how to get it."""
+    binary = kong_binary()
+    if binary is None:
+        how = ("no Kong 3.9: `bash .ci/build-kong.sh` builds Kong 3.9.3 from ../shared/kong-3.9.3, "
+               "or set PGWSHARD_KONG to the `kong` of a Kong 3.9 install")
+        if os.environ.get("CI"):
+            pytest.fail(how)
+        pytest.skip(how)
+    return binary
+
+
+class DblessGateway:
+    """Pushgateways behind one DB-less Kong node set up as README "Kong topologies" says, with
+    pgwshard-sync (probes, `kong.mode: declarative`) keeping the node's targets."""
+
+    def __init__(self, kong_bin: str, pushgateways: int = 3, sync: bool = True, deletes: bool = False,
+                 rebalance: bool = False, sync_settings: dict | None = None):
+        self.dir = temp_dir("pgwshard-kong-world-")
+        self.pgws = [Pushgateway().start() for _ in range(pushgateways)]
+        self.kong_yml = f"{self.dir}/kong.yml"
+        self.kong = Kong({"database": "off", "declarative_config": self.kong_yml}, KONG_CONF, kong_bin)
+        self.deletes_port = None
+        deletes_url = None
+        if deletes:
+            from kong_plugin_pgwshard.harness.processes import free_port
+            self.deletes_port = free_port()
+            deletes_url = f"http://127.0.0.1:{self.deletes_port}"
+        self.declarative = shipped_declarative(KONG_YML, [p.address for p in self.pgws], self.kong.status_url,
+                                               deletes_url)
+        with open(self.kong_yml, "w") as f:
+            yaml.safe_dump(self.declarative, f)
+        self.sync: ManagedProcess | None = None
+        self.sync_settings = sync_settings or {}
+        self.rebalance = rebalance
+        try:
+            self.kong.start()
+            if sync:
+                self.sync = self.start_sync()
+        except BaseException:
+            self.stop()
+            raise
+
+    def start_sync(self) -> ManagedProcess:
+        config = f"{self.dir}/pgwshard.yml"
+        settings = {
+            "pushgateways": [p.address for p in self.pgws],
+            "health": {"source": "probes"},
+            "kong": {"mode": "declarative", "declarative_file": self.kong_yml, "upstream": "pushgateways",
+                     "nodes": [self.kong.admin_url]},
+            "rebalance": {"enabled": self.rebalance, "max_ops_per_second": 200},
+            "metrics": {"listen": "127.0.0.1:0"},
+        }
+        if self.deletes_port:
+            settings["deletes"] = {"listen": f"127.0.0.1:{self.deletes_port}", "path": f"{self.dir}/tombstones"}
+        settings.update(self.sync_settings)
+        with open(config, "w") as f:
+            yaml.safe_dump(settings, f)
+        return ManagedProcess("pgwshard-sync", [sys.executable, "-m", "kong_plugin_pgwshard.sync.daemon",
+                                                "--config", config]).start()
+
+    def targets(self, url: str | None = None) -> dict[str, int]:
+        """The upstream's targets as the node's Status API lists them: {target: weight}."""
+        import json
+        status, body = http_get(f"{url or self.kong.status_url}/upstreams/pushgateways/targets")
+        assert status == 200, body
+        return {t["target"]: t["weight"] for t in json.loads(body)["data"]}
+
+    def ring(self) -> Ring:
+        return Ring([Member.parse(t, w) for t, w in self.targets().items()])
+
+    def owner(self, path: str) -> str:
+        return self.ring().owner(parse_push_path(path)).name
+
+    def holders(self, key: GroupingKey) -> list[str]:
+        return [p.address for p in self.pgws if p.running
+                and any(GroupingKey.from_labels(g["labels"]) == key for g in p.groups())]
+
+    def wait_targets(self, expected: set[str], timeout: float = 30) -> None:
+        wait_until(lambda: {t for t, w in self.targets().items() if w > 0} == expected, timeout,
+                   what=f"Kong's targets to be {sorted(expected)}")
+
+    def stop(self) -> None:
+        for part in (self.sync, self.kong, *self.pgws):
+            if part is not None:
+                part.stop()
