@@ -113,3 +113,13 @@ def test_the_plugin_server_loads_nothing_of_the_control_path(module):
 def test_the_pure_core_loads_no_io_of_the_project():
     loaded = {m for m in _loaded_by(f"{PACKAGE}.core.ring") if m.startswith(PACKAGE + ".")}
     assert {_layer(m) for m in loaded} <= {"core", "errors"}
+
+
+def test_the_plugin_servers_entry_point_binds_before_loading_anything_slow():
+    """pgwshard-plugin's socket must exist before the slow imports (plugin/start.py): Kong
+    answers 500 to a request whose StartInstance finds no socket. Importing the entry point
+    loads nothing beyond the standard library and this package's own start module."""
+    loaded = _loaded_by(f"{PACKAGE}.plugin.start")
+    ours = {m for m in loaded if m.startswith(PACKAGE)}
+    assert ours == {PACKAGE, f"{PACKAGE}.plugin", f"{PACKAGE}.plugin.start"}
+    assert not loaded & {"kong_pdk", "msgpack", "requests", "uhashring", "greenlet", "yaml", "urllib3"}

@@ -34,7 +34,7 @@ def test_kong_conf_names_the_plugin_server_as_it_runs():
     prefix = start[start.index("-p") + 1]
     # kong-pdk's dedicated server listens on <prefix>/<name>.sock
     assert conf["pluginserver_pgwshard_socket"] == f"{prefix.rstrip('/')}/pgwshard.sock"
-    dump = subprocess.run([sys.executable, "-m", "kong_plugin_pgwshard.plugin.server", *query[1:]],
+    dump = subprocess.run([sys.executable, "-m", "kong_plugin_pgwshard.plugin.start", *query[1:]],
                           capture_output=True, text=True, check=True, timeout=30).stdout
     assert json.loads(dump)[0]["Name"] == conf["pluginserver_names"]
 

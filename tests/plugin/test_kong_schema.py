@@ -26,7 +26,7 @@ from tests.support import REPO
 @pytest.fixture(scope="module")
 def schema() -> dict:
     """The schema Kong reads: the real plugin server's `--dump` (kong.conf's query_cmd)."""
-    out = subprocess.run([sys.executable, "-m", "kong_plugin_pgwshard.plugin.server", "--dump"],
+    out = subprocess.run([sys.executable, "-m", "kong_plugin_pgwshard.plugin.start", "--dump"],
                          capture_output=True, text=True, timeout=30, check=True).stdout
     (info,) = json.loads(out)
     return info["Schema"]

@@ -134,7 +134,7 @@ def test_the_dumped_schema_lets_kong_resolve_a_vault_reference_in_admin_token():
     import subprocess
     import sys
 
-    dump = subprocess.run([sys.executable, "-m", "kong_plugin_pgwshard.plugin.server", "--dump"],
+    dump = subprocess.run([sys.executable, "-m", "kong_plugin_pgwshard.plugin.start", "--dump"],
                           capture_output=True, text=True, check=True, timeout=30).stdout
     fields = {name: f for entry in json.loads(dump)[0]["Schema"]["fields"][0]["config"]["fields"]
               for name, f in entry.items()}

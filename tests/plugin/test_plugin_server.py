@@ -46,7 +46,7 @@ def start(rpc, seq=3, **config):
 
 
 def test_dump_lists_what_kong_asks_for():
-    out = subprocess.run([sys.executable, "-m", "kong_plugin_pgwshard.plugin.server", "--dump"],
+    out = subprocess.run([sys.executable, "-m", "kong_plugin_pgwshard.plugin.start", "--dump"],
                          capture_output=True, text=True, timeout=30, check=True).stdout
     (info,) = json.loads(out)
     assert info["Name"] == "pgwshard" and info["Phases"] == ["access"]
@@ -209,7 +209,7 @@ def test_the_server_exits_when_kong_is_gone(tmp_path):
     # test_plugin_supervision.py.)
     log = tmp_path / "server.log"
     launcher = ("import os, subprocess, sys, time; p = subprocess.Popen([sys.executable, '-m', "
-                f"'kong_plugin_pgwshard.plugin.server', '-p', {str(tmp_path)!r}], start_new_session=True, "
+                f"'kong_plugin_pgwshard.plugin.start', '-p', {str(tmp_path)!r}], start_new_session=True, "
                 f"stdin=subprocess.DEVNULL, stdout=open({str(log)!r}, 'w'), stderr=subprocess.STDOUT)\n"
                 f"for _ in range(200):\n    if os.path.exists({str(tmp_path / 'pgwshard.sock')!r}): break\n"
                 "    time.sleep(0.1)\nprint(p.pid)")
@@ -279,7 +279,7 @@ def test_out_of_file_descriptors_the_server_waits_instead_of_spinning(tmp_path):
     from kong_plugin_pgwshard.harness.processes import ManagedProcess
 
     server = ManagedProcess("plugin-server-lowfd", ["prlimit", "--nofile=24", sys.executable, "-m",
-                                                    "kong_plugin_pgwshard.plugin.server", "-p", str(tmp_path)], cwd=str(REPO))
+                                                    "kong_plugin_pgwshard.plugin.start", "-p", str(tmp_path)], cwd=str(REPO))
     server.start()
     held = []
     try:

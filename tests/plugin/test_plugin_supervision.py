@@ -28,7 +28,7 @@ def _orphan_server(prefix: str, *flags: str) -> int:
     """Start a plugin server from a shell that exits once the server listens (on a new socket
     file, should one be there already), as Kong exits under a running server. Returns the
     server's pid."""
-    argv = [sys.executable, "-m", "kong_plugin_pgwshard.plugin.server", "-p", prefix, *flags]
+    argv = [sys.executable, "-m", "kong_plugin_pgwshard.plugin.start", "-p", prefix, *flags]
     log = os.path.join(prefix, "server.log")
     sock = os.path.join(prefix, "pgwshard.sock")
     before = os.stat(sock).st_ino if os.path.exists(sock) else 0
@@ -108,3 +108,36 @@ def test_the_respawner_restarts_a_plugin_server_that_dies_as_kong_does():
         host.stop()
         respawner.stop()
         pgw.stop()
+
+
+def test_a_server_told_to_stop_serves_its_open_connections_until_they_close():
+    """`kong reload`: the old worker 0 sends SIGTERM to its plugin server on exit while other
+    old workers still have requests on it. The server stops taking connections but answers on
+    the open ones; it exits once they are closed."""
+    server = PluginServer().start()
+    try:
+        rpc = KongRPC(server.socket_path, timeout=5)
+        assert _status(server.socket_path) is not None
+        rpc.call("plugin.GetStatus")  # a pooled connection, as an old worker holds one
+        assert server.proc is not None
+        os.kill(server.proc.pid, signal.SIGTERM)
+        # no new connections once it has seen the signal (within a watchdog tick)...
+        wait_until(lambda: _refused(server.socket_path), 10, what="the server to stop taking connections")
+        # ...while the open one is still answered, more than a tick later
+        time.sleep(1.5)
+        assert server.running
+        assert rpc.call("plugin.GetStatus") is not None
+        rpc.close()
+        wait_until(lambda: not server.running, 10, what="the server to exit once its connections closed")
+    finally:
+        server.stop()
+
+
+def _refused(socket_path: str) -> bool:
+    import socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(socket_path)
+        except ConnectionRefusedError:
+            return True
+    return False
