@@ -20,7 +20,8 @@ from kong_pdk.exception import PDKException, PluginServerException
 from .events import PgwshardPluginServer
 
 WATCHDOG_SECONDS = 1.0
-DRAIN_SECONDS = 10.0  # past Kong's plugin-server read timeout (kong.conf: 5 s)
+DRAIN_SECONDS = 10.0  # at most, past Kong's plugin-server read timeout (kong.conf: 5 s)
+DRAIN_IDLE_SECONDS = 1.0  # a drain ends once no connection has said anything this long
 SEND_TIMEOUT_SECONDS = 5.0
 
 
@@ -90,6 +91,7 @@ class RPCServer:
         self._methods: dict[str, Any] = {}
         self._pack = msgpack.Packer(unicode_errors="surrogateescape").pack  # bytes go back as they came
         self._terminated = False
+        self._last_activity = time.monotonic()
 
     def _dispatch(self, msgid: int, method: str, args: list) -> bytes:
         if not isinstance(method, str) or not isinstance(args, list):
@@ -114,7 +116,9 @@ class RPCServer:
 
     def serve_forever(self) -> None:
         """Serve until told to stop (SIGTERM, or a reason of the Watchdog's), then drain: no new
-        connections, and the open ones served until Kong closes them or DRAIN_SECONDS pass.
+        connections, and the open ones served until they are closed, or quiet for
+        DRAIN_IDLE_SECONDS (a supervisor's gateway keeps its pooled connections open), or
+        DRAIN_SECONDS pass.
 
         Kong stops a plugin server while requests still use it: on `kong reload` the old worker
         0 sends SIGTERM on its exit (process.lua) while the other old workers finish their
@@ -132,7 +136,8 @@ class RPCServer:
         next_tick = time.monotonic() + WATCHDOG_SECONDS
         drain_until: float | None = None
         try:
-            while drain_until is None or (self._connections and time.monotonic() < drain_until):
+            while drain_until is None or (self._connections and time.monotonic() < drain_until
+                                          and time.monotonic() - self._last_activity < DRAIN_IDLE_SECONDS):
                 for fd, _ in self._poller.poll(WATCHDOG_SECONDS):
                     if fd == listener.fileno():
                         self._accept()
@@ -191,6 +196,7 @@ class RPCServer:
         try:
             chunk = conn.recv(65536)
             if chunk:
+                self._last_activity = time.monotonic()
                 unpacker.feed(chunk)
                 for message in unpacker:
                     if not isinstance(message, list) or len(message) != 4:
