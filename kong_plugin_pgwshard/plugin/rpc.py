@@ -40,20 +40,20 @@ class Watchdog:
     """Says when the server should stop on its own: its parent (Kong) is gone, or its socket was
     removed or taken over by another server.
 
-    Kong starts the plugin server from an nginx worker and respawns it, but never stops it
-    (kong/runloop/plugin_servers/process.lua): the server must notice Kong's exit itself.
-    kong-pdk's watchdog does that by exiting once init adopts it (parent PID 1), which also
-    kills a server that init started on purpose (systemd, a container's init) within a second.
-    Here the watchdog follows the parent the server started under, and only when that was not
-    init; `follow_parent=False` (`--no-parent-watchdog`) leaves stopping to a supervisor. A
-    supervised server still exits when a newer one owns its socket path, so a restart never
-    leaves two serving.
+    Kong starts the plugin server from an nginx worker and respawns it; it stops it only from a
+    worker that exits cleanly (kong/runloop/plugin_servers/process.lua), so a Kong that dies
+    leaves it running: the server must notice Kong's exit itself. kong-pdk's watchdog does that
+    by exiting once init adopts it (parent PID 1), which also kills a server that init started on
+    purpose (systemd, a container's init) within a second. Here the watchdog follows `parent`,
+    the process the server started under (start.main reads it first thing: Kong may be gone
+    before the server has loaded), None for a supervised server (`--no-parent-watchdog`, or
+    started by init). A supervised server still exits when a newer one owns its socket path, so
+    a restart never leaves two serving.
     """
 
-    def __init__(self, path: str, follow_parent: bool = True):
+    def __init__(self, path: str, parent: int | None):
         self.path = path
-        parent = os.getppid()
-        self.parent = parent if follow_parent and parent != 1 else None
+        self.parent = parent
         self._socket: tuple[int, int] | None = None
 
     def bound(self) -> None:
@@ -81,12 +81,13 @@ class RPCServer:
     socket_mode: the socket file's mode (e.g. 0o660, so that nginx workers in the server's group
     may connect); None leaves it to the umask."""
 
-    def __init__(self, server: PgwshardPluginServer, listener: socket.socket, follow_parent: bool = True):
-        """listener: a listening unix socket (start.listen_unix), bound before the slow imports."""
+    def __init__(self, server: PgwshardPluginServer, listener: socket.socket, parent: int | None = None):
+        """listener: a listening unix socket (start.listen_unix), bound before the slow imports;
+        parent: the process to exit with (Watchdog)."""
         self.server = server
         self.path = listener.getsockname()
         self._listener = listener
-        self.watchdog = Watchdog(self.path, follow_parent)
+        self.watchdog = Watchdog(self.path, parent)
         self.watchdog.bound()
         self._methods: dict[str, Any] = {}
         self._pack = msgpack.Packer(unicode_errors="surrogateescape").pack  # bytes go back as they came

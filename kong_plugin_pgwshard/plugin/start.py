@@ -58,6 +58,7 @@ def listen_unix(path: str, queue_size: int = 4096, mode: int | None = None) -> s
 
 
 def main(argv: list[str] | None = None) -> None:
+    parent = os.getppid()  # before anything else: Kong may exit while this server loads
     args = parse_args(argv)
     listener = None
     if not args.dump:
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"pgwshard-plugin: the prefix {args.prefix} is not a directory")
         listener = listen_unix(os.path.join(args.prefix, args.socket_name), args.listen_queue_size, args.socket_mode)
     from .server import run  # the slow imports, once Kong can connect
-    run(args, listener)
+    run(args, listener, parent if args.follow_parent and parent != 1 else None)
 
 
 if __name__ == "__main__":
