@@ -81,11 +81,11 @@ class RPCServer:
     socket_mode: the socket file's mode (e.g. 0o660, so that nginx workers in the server's group
     may connect); None leaves it to the umask."""
 
-    def __init__(self, server: PgwshardPluginServer, listener: socket.socket, parent: int | None = None):
-        """listener: a listening unix socket (start.listen_unix), bound before the slow imports;
+    def __init__(self, server: PgwshardPluginServer, listener: socket.socket, path: str, parent: int | None = None):
+        """listener: listening at path (start.listen_unix), bound before the slow imports;
         parent: the process to exit with (Watchdog)."""
         self.server = server
-        self.path = listener.getsockname()
+        self.path = path
         self._listener = listener
         self.watchdog = Watchdog(self.path, parent)
         self.watchdog.bound()

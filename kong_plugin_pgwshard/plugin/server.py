@@ -63,9 +63,10 @@ def build_server(verbose: int = 1, definition: type = _Definition) -> PgwshardPl
     return server
 
 
-def run(args: argparse.Namespace, listener: socket.socket | None, parent: int | None = None) -> None:
-    """Serve on `listener` (bound by `start.main` before these imports) until `parent` exits
-    (rpc.Watchdog), or print the plugin info Kong asks for (`--dump`, no listener)."""
+def run(args: argparse.Namespace, listener: socket.socket | None, path: str, parent: int | None = None) -> None:
+    """Serve on `listener`, listening at `path` (start.main binds it before these imports),
+    until `parent` exits (rpc.Watchdog), or print the plugin info Kong asks for (`--dump`, no
+    listener)."""
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s [pgwshard] %(levelname)s %(name)s: %(message)s")
     server = build_server(args.verbose)
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace, listener: socket.socket | None, parent: int | 
         sys.stdout.write(json.dumps([server.get_plugin_info(NAME)]))
         return
     try:
-        RPCServer(server, listener, parent).serve_forever()
+        RPCServer(server, listener, path, parent).serve_forever()
     except KeyboardInterrupt:
         pass
 

@@ -45,15 +45,19 @@ def _octal(text: str) -> int:
 
 
 def listen_unix(path: str, queue_size: int = 4096, mode: int | None = None) -> socket.socket:
-    """A listening unix socket at path, replacing what is there (a previous server's socket: it
-    notices and drains, see rpc.RPCServer)."""
-    if os.path.exists(path):
-        os.remove(path)
+    """A socket listening at path. It is bound and listening under a temporary name first, then
+    renamed over path: Kong, which connects as soon as the file is there, never finds it bound
+    but not yet listening (refused), nor missing while a previous server's file is replaced
+    (`kong reload`: that server notices and drains, see rpc.RPCServer)."""
+    staged = f"{path}.{os.getpid()}.new"
+    if os.path.exists(staged):
+        os.remove(staged)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
+    listener.bind(staged)
     if mode is not None:
-        os.chmod(path, mode)
+        os.chmod(staged, mode)
     listener.listen(queue_size)
+    os.replace(staged, path)
     return listener
 
 
@@ -61,12 +65,13 @@ def main(argv: list[str] | None = None) -> None:
     parent = os.getppid()  # before anything else: Kong may exit while this server loads
     args = parse_args(argv)
     listener = None
+    path = os.path.join(args.prefix, args.socket_name)
     if not args.dump:
         if not os.path.isdir(args.prefix):
             sys.exit(f"pgwshard-plugin: the prefix {args.prefix} is not a directory")
-        listener = listen_unix(os.path.join(args.prefix, args.socket_name), args.listen_queue_size, args.socket_mode)
+        listener = listen_unix(path, args.listen_queue_size, args.socket_mode)
     from .server import run  # the slow imports, once Kong can connect
-    run(args, listener, parent if args.follow_parent and parent != 1 else None)
+    run(args, listener, path, parent if args.follow_parent and parent != 1 else None)
 
 
 if __name__ == "__main__":
