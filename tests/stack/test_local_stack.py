@@ -46,6 +46,11 @@ def clone():
     for name in ("PIP_FIND_LINKS", "PIP_CERT", "PIP_DEFAULT_TIMEOUT", "PIP_INDEX_URL", "HTTPS_PROXY", "https_proxy"):
         if name in os.environ:  # how this machine reaches packages, nothing of pgwshard's
             env[name] = os.environ[name]
+    # an existing venv whose pip was upgraded, as .ci/run leaves .venv: current pip shows the
+    # build backend's warnings (setuptools' editable-install banner was one)
+    subprocess.run(["python3", "-m", "venv", env["PGWSHARD_VENV"]], check=True, timeout=120)
+    subprocess.run([env["PGWSHARD_VENV"] + "/bin/pip", "install", "-q", "--upgrade", "pip"], env=env, check=True,
+                   capture_output=True, timeout=300)
     yield checkout, env, work
 
 
