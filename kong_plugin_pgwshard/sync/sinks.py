@@ -122,7 +122,8 @@ class FileSdSink:
     def __init__(self, settings: FileSdSettings, known: Sequence[Member] = ()):
         """known: the configured pushgateways. Those, and every member this sink has written,
         are listed as out of the ring while they are not in it (core/file_sd.py), so that a
-        reader of the file can tell a dead pushgateway from one that never existed."""
+        reader of the file can tell a dead pushgateway from one that never existed. Like the
+        daemon's `known` (pgwshard_member_in_ring), it forgets nothing until a restart."""
         self.path, self.labels = Path(settings.path), dict(settings.labels)
         self.name = f"file_sd {self.path}"
         self._seen = {m.name: m for m in known}
