@@ -7,15 +7,21 @@
 # published versions of those modules instead. Consul v1.22.7's own ./api folder is newer than the
 # api v1.33.7 its go.mod names (it uses ACLToken.Name, first published in api v1.34.1), hence the
 # explicit api pin below.
-# The binary is cached outside the repo and reused; prints its path.
+# The binary is cached outside the repo and reused; prints its path. Safe to run several times at
+# once: each run builds in its own temporary directory and renames its binary into place
+# atomically (same filesystem), so a reader never sees half a binary and the last rename wins
+# with an identical file.
 set -euo pipefail
 version="${CONSUL_VERSION:-v1.22.7}"
 cache="${PGWSHARD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pgwshard}"
 bin="$cache/consul-$version/consul"
 if [ -x "$bin" ]; then echo "$bin"; exit 0; fi
 command -v go >/dev/null || { echo "build-consul: Go is required" >&2; exit 1; }
+mkdir -p "$(dirname "$bin")"
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+# the output goes beside the cached binary: a rename within one filesystem is atomic
+out=$(mktemp "$bin.XXXXXX.tmp")
+trap 'rm -rf "$work" "$out"' EXIT
 cd "$work"
 cat > go.mod <<MOD
 module pgwshard.local/consulbuild
@@ -40,7 +46,7 @@ package tools
 import _ "github.com/hashicorp/consul"
 SRC
 GOFLAGS=-mod=mod go mod tidy -e >&2 2>&1 || true
-mkdir -p "$(dirname "$bin")"
-GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$bin.tmp" github.com/hashicorp/consul >&2
-mv "$bin.tmp" "$bin"
+GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$out" github.com/hashicorp/consul >&2
+chmod 0755 "$out"
+mv -f "$out" "$bin"
 echo "$bin"

@@ -1,12 +1,14 @@
 """`pgwshard`: operator commands.
 
-    pgwshard locate [--nodes H:P[=WEIGHT],H:P | --nodes-file SD.json] [--prefix P] PATH...
+Each takes the ring as --nodes H:P[=WEIGHT],H:P | --nodes-file SD.json | --config pgwshard.yml:
+    pgwshard locate RING [--prefix P] PATH...
         the canonical grouping key and the owning pushgateway of each push path
-    pgwshard rebalance [--nodes H:P[=WEIGHT],H:P | --nodes-file SD.json] [--instances H:P,...] [--dry-run]
+    pgwshard rebalance RING [--instances H:P,...] [--dry-run]
         move every group to its owner on the ring (docs/rebalancing.md); --dry-run prints the plan
-    pgwshard status [--nodes H:P[=WEIGHT],H:P | --nodes-file SD.json | --config pgwshard.yml] [--json]
+    pgwshard status RING [--json]
         members, their health and weight, groups per member, groups not on their owner,
-        duplicated groups, newest and oldest push per member; exit 1 when something needs attention
+        duplicated groups, newest and oldest push per member; exit 1 when something needs
+        attention, a known pushgateway missing from the ring included
     pgwshard host render|run --prefix DIR --listen ADDR --plugin-config FILE --upstream IP:PORT,...
         the nginx + Lua host under your own nginx (host/command.py)
 """
@@ -24,7 +26,7 @@ import yaml
 
 from .clients.kong import KongAdmin
 from .clients.pushgateway import PushgatewayClient
-from .core.file_sd import read_file_sd
+from .core.file_sd import read_file_sd_outside
 from .core.grouping import GroupingKey, parse_push_path
 from .core.ring import Member, Ring
 from .errors import GroupingKeyError, NoMembersError, UpstreamError
@@ -34,29 +36,46 @@ from .rebalance.rebalancer import Rebalancer, client_push_time
 NODES_ENV = "PGWSHARD_NODES"
 
 
-def add_membership_arguments(parser: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
-    """--nodes / --nodes-file, shared by every command that needs the ring."""
+def add_membership_arguments(parser: argparse.ArgumentParser, timeout: float) -> None:
+    """--nodes / --nodes-file / --config and --timeout, shared by every command that needs the ring."""
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--nodes", help="pushgateways as host:port,host:port; host:port=weight gives one "
                                         f"a weight other than 100 (0 drains it) (default: ${NODES_ENV})")
     group.add_argument("--nodes-file", help="a Prometheus file_sd JSON file listing the pushgateways "
                                              "(pgwshard-sync's file sink writes one)")
-    return group
+    group.add_argument("--config", help="pgwshard-sync's config: the ring from its kong or file_sd section, "
+                                        "every pushgateway it lists")
+    parser.add_argument("--timeout", type=float, default=timeout, help="seconds per pushgateway or Kong request")
 
 
-def ring_from_arguments(args: argparse.Namespace) -> Ring:
-    """The ring the arguments name; exits with a message when they name none."""
+@dataclass
+class Membership:
+    ring: Ring
+    known: list[Member]  # pushgateways that belong in the ring: configured, or listed as out of it
+    source: str          # where the ring came from, for people
+
+
+def membership_from_arguments(args: argparse.Namespace, command: str) -> Membership:
+    """The ring the arguments name, and the pushgateways known beside it; exits with a message
+    naming the options when they name nothing, or when what they name cannot be read."""
+    text = args.nodes or os.environ.get(NODES_ENV, "")
+    if not (args.config or args.nodes_file or text.strip()):
+        sys.exit(f"pgwshard: {command} needs the ring's members: pass --nodes HOST:PORT,..., --nodes-file "
+                 f"SD.json or --config pgwshard.yml (or set ${NODES_ENV})")
+    if args.config:
+        return ring_from_sync_config(args.config, args.timeout)
     try:
         if args.nodes_file:
-            return Ring(read_file_sd(args.nodes_file))
-        text = args.nodes or os.environ.get(NODES_ENV, "")
-        return Ring(Member.parse_weighted(n) for n in text.split(",") if n.strip())
+            members, outside = read_file_sd_outside(args.nodes_file)
+            return Membership(Ring(members), outside, "--nodes-file " + args.nodes_file)
+        return Membership(Ring(Member.parse_weighted(n) for n in text.split(",") if n.strip()), [],
+                          "--nodes" if args.nodes else f"${NODES_ENV}")
     except (OSError, ValueError) as err:
         sys.exit(f"pgwshard: bad membership: {err}")
 
 
 def locate(args: argparse.Namespace) -> int:
-    ring = ring_from_arguments(args)
+    ring = membership_from_arguments(args, "locate").ring
     status = 0
     for path in args.paths:
         try:
@@ -73,20 +92,26 @@ def locate(args: argparse.Namespace) -> int:
 
 def rebalance(args: argparse.Namespace) -> int:
     """Print the plan (--dry-run) or run one reconciliation and print its report."""
-    ring = ring_from_arguments(args)
+    membership = membership_from_arguments(args, "rebalance")
+    ring = membership.ring
     if not len(ring):
-        sys.exit("pgwshard: rebalance needs the ring's members (--nodes, --nodes-file or $PGWSHARD_NODES)")
+        sys.exit(f"pgwshard: rebalance: the ring from {membership.source} is empty: nothing can own a group")
     try:
-        instances = [Member.parse(n) for n in (args.instances or "").split(",") if n.strip()]
+        extra = [Member.parse(n) for n in (args.instances or "").split(",") if n.strip()]
         rebalancer = Rebalancer(max_ops_per_second=args.max_ops_per_second, timeout=args.timeout,
                                 quiet=args.quiet)
     except ValueError as err:
         sys.exit(f"pgwshard: rebalance: {err}")
+    instances = membership.known + extra  # known pushgateways out of the ring may still hold groups
     if args.dry_run:
-        for move in rebalancer.plan(ring, instances):
+        moves = rebalancer.plan(ring, instances)
+        for move in moves:
             print(f"{move.key}\t{move.source}\t{move.target}\t{move.action}\t{move.reason}")
         for name in rebalancer.unreachable:
             print(f"pgwshard: {name} is unreachable: its groups are not in the plan", file=sys.stderr)
+        if not moves:  # (on stderr, as the unreachable ones: stdout is the plan, one move a line)
+            where = "on the pushgateways that answered " if rebalancer.unreachable else ""
+            print(f"pgwshard: nothing to move: every group {where}is on its owner, once", file=sys.stderr)
         return 1 if rebalancer.unreachable else 0
     report = rebalancer.reconcile(ring, instances)
     print(report)
@@ -121,10 +146,13 @@ class Status:
     attention: list[str] = field(default_factory=list)    # what needs someone; empty: all well
 
 
-def survey(ring: Ring, instances: Sequence[Member], ring_source: str, timeout: float = 5.0) -> Status:
-    """Ask every ring member and every other instance for its health and groups."""
+def survey(ring: Ring, instances: Sequence[Member], ring_source: str, timeout: float = 5.0,
+           known: Sequence[Member] = ()) -> Status:
+    """Ask every ring member, every known pushgateway (configured, or listed as out of the ring:
+    one missing from the ring needs attention) and every other instance for its health and groups."""
     in_ring = {m.name: m for m in ring.members}
-    names = sorted(set(in_ring) | {m.name for m in instances})
+    missing = {m.name for m in known} - set(in_ring)
+    names = sorted(set(in_ring) | {m.name for m in instances} | missing)
     status = Status(ring_source, [])
     holders: dict[GroupingKey, list[str]] = {}
     if not any(m.weight > 0 for m in ring.members):
@@ -144,6 +172,9 @@ def survey(ring: Ring, instances: Sequence[Member], ring_source: str, timeout: f
             continue
         if not member.healthy:
             status.attention.append(f"{name} answers but /-/healthy does not")
+        elif name in missing:
+            status.attention.append(f"{name} is known but not in the ring (held down after failing checks, "
+                                    "or the membership was not written since it came back)")
         pushes = [client_push_time(g) for g in groups]
         member.groups = len(groups)
         member.newest_push, member.oldest_push = (max(pushes), min(pushes)) if pushes else (None, None)
@@ -177,7 +208,7 @@ def _count(items: Sequence, noun: str) -> str:
     return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
 
 
-def ring_from_sync_config(path: str, timeout: float) -> tuple[Ring, list[Member], str]:
+def ring_from_sync_config(path: str, timeout: float) -> Membership:
     """The ring pgwshard-sync applies, read from what its config names: the Kong upstream's
     targets (with their weights), else the file_sd file it writes, else the configured
     pushgateways that answer /-/healthy now. Reads only those keys (pgwshard-sync --check
@@ -195,13 +226,20 @@ def ring_from_sync_config(path: str, timeout: float) -> tuple[Ring, list[Member]
             token = kong.get("admin_token") or os.environ.get("KONG_ADMIN_TOKEN") or None
             targets = KongAdmin(url, token, timeout).targets(upstream)
             members = [Member.parse(t["target"], int(t.get("weight", 100))) for t in targets]
-            return Ring(members), known, f"Kong upstream {upstream} at {url}"
+            return Membership(Ring(members), known, f"Kong upstream {upstream} at {url}")
         if file_sd and file_sd.get("path"):
-            return Ring(read_file_sd(file_sd["path"])), known, f"file_sd {file_sd['path']}"
+            in_ring, outside = read_file_sd_outside(file_sd["path"])
+            return Membership(Ring(in_ring), _union(known, outside), f"file_sd {file_sd['path']}")
     except (OSError, ValueError, TypeError, KeyError, AttributeError, yaml.YAMLError, UpstreamError) as err:
         sys.exit(f"pgwshard: {path}: {err}")  # a wrong shape too: `pgwshard-sync --check` says which key
     healthy = [m for m in known if PushgatewayClient(m.name, timeout=timeout).healthy()]
-    return Ring(healthy), known, "the configured pushgateways that answer /-/healthy (no kong or file_sd section)"
+    return Membership(Ring(healthy), known,
+                      "the configured pushgateways that answer /-/healthy (no kong or file_sd section)")
+
+
+def _union(first: Sequence[Member], second: Sequence[Member]) -> list[Member]:
+    names = {m.name for m in first}
+    return [*first, *(m for m in second if m.name not in names)]
 
 
 def _configured(entry) -> Member:
@@ -217,14 +255,8 @@ def status(args: argparse.Namespace) -> int:
         extra = [Member.parse(n) for n in (args.instances or "").split(",") if n.strip()]
     except ValueError as err:
         sys.exit(f"pgwshard: status: {err}")
-    if args.config:
-        ring, known, source = ring_from_sync_config(args.config, args.timeout)
-    else:
-        ring, known = ring_from_arguments(args), []
-        if not len(ring):
-            sys.exit("pgwshard: status needs the ring's members (--nodes, --nodes-file, --config or $PGWSHARD_NODES)")
-        source = "--nodes-file " + args.nodes_file if args.nodes_file else "--nodes" if args.nodes else f"${NODES_ENV}"
-    report = survey(ring, known + extra, source, args.timeout)
+    membership = membership_from_arguments(args, "status")
+    report = survey(membership.ring, extra, membership.source, args.timeout, membership.known)
     if args.json:
         print(json.dumps(asdict(report), indent=2))
     else:
@@ -272,13 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("locate", help="which pushgateway owns each push path")
-    add_membership_arguments(p)
+    add_membership_arguments(p, timeout=5.0)
     p.add_argument("--prefix", default="", help="route prefix before /metrics/job")
     p.add_argument("paths", nargs="+", metavar="PATH", help="push paths as a client sends them")
     p.set_defaults(run=locate)
 
     p = commands.add_parser("rebalance", help="move every group to the pushgateway that owns it")
-    add_membership_arguments(p)
+    add_membership_arguments(p, timeout=10.0)
     p.add_argument("--instances", help="more pushgateways to drain (host:port,...), e.g. ones that "
                                        "left the ring but still run; ring members are always included")
     p.add_argument("--dry-run", action="store_true", help="print the plan (group, from, to, action) "
@@ -287,16 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", type=float, default=0.0, metavar="SECONDS",
                    help="leave a copy pushed less than SECONDS ago where it is (its client's next push goes "
                         "to the owner; a copy racing that push would overwrite it); pgwshard-sync waits 10 s")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds per pushgateway request")
     p.set_defaults(run=rebalance)
 
     p = commands.add_parser("status", help="members, health, groups per member, misplaced and duplicated groups")
-    add_membership_arguments(p).add_argument(
-        "--config", help="pgwshard-sync's config: the ring from its kong or file_sd section, "
-                         "every pushgateway it lists")
+    add_membership_arguments(p, timeout=5.0)
     p.add_argument("--instances", help="more pushgateways to look at (host:port,...), e.g. ones that left the ring")
     p.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds per pushgateway or Kong request")
     p.set_defaults(run=status)
 
     add_host_parser(commands)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # pgwshard's local stack on one Debian machine: installs what it needs (Debian packages, a
 # virtualenv with pgwshard), then runs three pushgateways, the plugin server, the OpenResty host,
-# pgwshard-sync on its own probes and Prometheus; pushes sample groups, prints where each went,
-# and stays up until Ctrl-C. Arguments go to local_stack.py (--help). PGWSHARD_VENV: where to make
-# the virtualenv (default .venv in the checkout).
+# pgwshard-sync on its own probes (with its delete API) and Prometheus; pushes sample groups,
+# prints where each went and where to look, and stays up until Ctrl-C. Arguments go to
+# local_stack.py (--help: --once, --free-ports). PGWSHARD_VENV: where to make the virtualenv
+# (default .venv in the checkout); printed commands name its absolute path.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 

@@ -39,6 +39,8 @@ from .settings import Settings, load_settings
 from .sinks import Sink, sinks_from_settings
 
 log = logging.getLogger("pgwshard.sync")
+# Failures of one rebalance pass logged one by one; a pass failing every group logs this many.
+REBALANCE_ERRORS_LOGGED = 20
 # Waits between retries of a failing sink (the last one repeats): quick for a blip, then gentle.
 SINK_BACKOFF_SECONDS = (0.5, 1.0, 2.0, 5.0, 10.0)
 # Every sink is re-applied this often even without a change: a Kong node that restarted reloads
@@ -282,6 +284,11 @@ class Daemon:
         silence (rebalance.quiet), or None."""
         report = self.rebalancer.reconcile(ring, instances)
         log.info("reconciliation: %s", report)
+        # each failure names the group and the answer (PgwshardRebalanceFailures sends people here)
+        for error in report.errors[:REBALANCE_ERRORS_LOGGED]:
+            log.warning("rebalance: %s", error)
+        if len(report.errors) > REBALANCE_ERRORS_LOGGED:
+            log.warning("rebalance: ... and %d more failures", len(report.errors) - REBALANCE_ERRORS_LOGGED)
         return None if report.retry_after is None else max(0.0, report.retry_after) + 0.5
 
     @property

@@ -119,12 +119,19 @@ class FileSdSink:
     """A Prometheus file_sd JSON file, replaced atomically (readers never see half a file).
     The plugin's `membership: file` and `pgwshard locate --nodes-file` read the same file."""
 
-    def __init__(self, settings: FileSdSettings):
+    def __init__(self, settings: FileSdSettings, known: Sequence[Member] = ()):
+        """known: the configured pushgateways. Those, and every member this sink has written,
+        are listed as out of the ring while they are not in it (core/file_sd.py), so that a
+        reader of the file can tell a dead pushgateway from one that never existed. Like the
+        daemon's `known` (pgwshard_member_in_ring), it forgets nothing until a restart."""
         self.path, self.labels = Path(settings.path), dict(settings.labels)
         self.name = f"file_sd {self.path}"
+        self._seen = {m.name: m for m in known}
 
     def apply(self, members: Sequence[Member]) -> None:
-        content = render_file_sd(members, self.labels)
+        in_ring = {m.name for m in members}
+        outside = [m for name, m in self._seen.items() if name not in in_ring]
+        content = render_file_sd(members, self.labels, outside)
         tmp = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,6 +144,7 @@ class FileSdSink:
             os.chmod(tmp, 0o644)
             os.replace(tmp, self.path)
             tmp = None
+            self._seen.update((m.name, m) for m in members)
         except OSError as err:
             raise UpstreamError(f"cannot write {self.path}: {err}") from None
         finally:
@@ -156,5 +164,5 @@ def sinks_from_settings(settings: Settings) -> list[Sink]:
         nodes = [KongAdmin(url, kong.admin_token, proxy=kong.proxy) for url in (kong.nodes or (kong.admin_url,))]
         sinks.append(DeclarativeSink(nodes, kong.declarative_file, kong.upstream))
     if settings.file_sd:
-        sinks.append(FileSdSink(settings.file_sd))
+        sinks.append(FileSdSink(settings.file_sd, settings.pushgateways))
     return sinks

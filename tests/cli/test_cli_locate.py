@@ -47,9 +47,26 @@ def test_locate_reads_a_file_sd_membership(tmp_path):
     assert by_file.returncode == 0 and by_file.stdout == by_list.stdout
 
 
-def test_locate_without_members_says_so():
+def test_locate_without_members_names_the_options_that_give_them(tmp_path):
+    # nothing named: the message says how to name members, not that none is healthy
     result = locate("/metrics/job/x", env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 1 and not result.stdout
+    assert all(option in result.stderr for option in ("--nodes ", "--nodes-file", "--config", "PGWSHARD_NODES"))
+    # a file that lists no member in the ring: then no pushgateway is there to own the push
+    sd = tmp_path / "members.json"
+    sd.write_text(json.dumps([{"targets": []}]))
+    result = locate("--nodes-file", str(sd), "/metrics/job/x")
     assert result.returncode == 1 and "no healthy pushgateway" in result.stdout
+
+
+def test_locate_takes_pgwshard_sync_config(tmp_path):
+    sd = tmp_path / "members.json"
+    sd.write_text(json.dumps([{"targets": NODES}]))
+    config = tmp_path / "pgwshard.yml"
+    config.write_text(json.dumps({"pushgateways": NODES, "file_sd": {"path": str(sd)}}))
+    by_config = locate("--config", str(config), *PATHS[-5:])
+    assert by_config.returncode == 0, by_config.stderr
+    assert by_config.stdout == locate("--nodes", ",".join(NODES), *PATHS[-5:]).stdout
 
 
 def test_locate_takes_members_from_the_environment_and_a_prefix():

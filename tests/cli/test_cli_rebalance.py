@@ -79,3 +79,30 @@ def test_rebalance_drains_a_member_of_weight_zero(pushgateways):
     assert run.returncode == 0, run.stderr
     assert f"moved={len(KEYS)} " in run.stdout
     assert holdings(pgws) == {keep.address: set(KEYS), drain.address: set()}
+
+
+def test_dry_run_takes_pgwshard_sync_config_and_says_when_nothing_moves(pushgateways, tmp_path):
+    """PgwshardGroupsMisplaced tells operators to run `rebalance --config ... --dry-run`: it was
+    refused (only `status` took --config), and a plan with nothing to move printed nothing."""
+    import json
+
+    pgws = pushgateways(2)
+    ring = Ring(Member.parse(p.address) for p in pgws)
+    for key in KEYS:
+        PushgatewayClient(ring.owner(key).name).put_group(key, "jobs_done_total 1\n")
+    sd = tmp_path / "members.json"
+    sd.write_text(json.dumps([{"targets": [p.address for p in pgws]}]))
+    config = tmp_path / "pgwshard.yml"
+    config.write_text(json.dumps({"pushgateways": [p.address for p in pgws], "file_sd": {"path": str(sd)}}))
+
+    dry = pgwshard("rebalance", "--config", str(config), "--dry-run")
+
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout == ""  # the plan: no move
+    assert "nothing to move: every group is on its owner" in dry.stderr
+
+    stray = next(k for k in KEYS if ring.owner(k).name == pgws[0].address)
+    PushgatewayClient(pgws[1].address).put_group(stray, "jobs_done_total 2\n")  # a copy on a non-owner
+    dry = pgwshard("rebalance", "--config", str(config), "--dry-run")
+    assert dry.returncode == 0 and dry.stdout.startswith(f"{stray}\t{pgws[1].address}\t{pgws[0].address}\t")
+    assert "nothing to move" not in dry.stderr

@@ -165,3 +165,73 @@ def test_a_config_that_cannot_be_read_is_a_clear_error(tmp_path):
     bad.write_text("pushgateways: [no-port]\n")
     wrong = pgwshard("status", "--config", str(bad))
     assert wrong.returncode != 0 and "expected host:port, got 'no-port'" in wrong.stderr
+
+
+def test_nodes_file_and_config_agree_on_a_pushgateway_pgwshard_sync_saw_die(pushgateways, tmp_path):
+    """Issue 22: with one pushgateway killed, `status --nodes-file` listed the two live ones and
+    said "all well" (exit 0) while `--config` showed the dead one (exit 1). pgwshard-sync's file
+    now lists known pushgateways out of the ring, and both forms report the dead one."""
+    from kong_plugin_pgwshard.harness.processes import wait_until
+    from kong_plugin_pgwshard.sync.daemon import Daemon
+    from kong_plugin_pgwshard.sync.settings import parse_settings
+    from tests.support.daemon import file_members, running
+
+    pgws = pushgateways(3)
+    sd = tmp_path / "members.json"
+    doc = {"pushgateways": [p.address for p in pgws], "file_sd": {"path": str(sd)},
+           "health": {"source": "probes", "probes": {"interval": "0.2s", "timeout": "1s"}},
+           "rebalance": {"enabled": False}, "metrics": {"listen": f"127.0.0.1:{free_port()}"}}
+    config = tmp_path / "pgwshard.yml"
+    config.write_text(json.dumps(doc))
+    dead = pgws[2]
+    with running(Daemon(parse_settings(doc, "test"))):
+        wait_until(lambda: file_members(sd) == {p.address for p in pgws}, 20, what="all three in the file")
+        dead.kill()
+        wait_until(lambda: file_members(sd) == {p.address for p in pgws[:2]}, 20, what="the dead one out of the ring")
+
+    by_file = pgwshard("status", "--nodes-file", str(sd), "--json", "--timeout", "1")
+    by_config = pgwshard("status", "--config", str(config), "--json", "--timeout", "1")
+
+    for run in (by_file, by_config):
+        assert run.returncode == 1, run.stdout + run.stderr
+        report = json.loads(run.stdout)
+        members = {m["pushgateway"]: m for m in report["members"]}
+        assert set(members) == {p.address for p in pgws}
+        assert (members[dead.address]["in_ring"], members[dead.address]["error"] is not None) == (False, True)
+        assert any(dead.address in item for item in report["attention"])
+    table = pgwshard("status", "--nodes-file", str(sd), "--timeout", "1")
+    assert "all well" not in table.stdout and f"needs attention: {dead.address}" in table.stdout
+
+
+def test_a_member_that_left_the_ring_but_answers_needs_attention(pushgateways, tmp_path):
+    """Seen in the ring once, out of it now (held down after flapping): not "all well"."""
+    from kong_plugin_pgwshard.sync.settings import FileSdSettings
+    from kong_plugin_pgwshard.sync.sinks import FileSdSink
+
+    pgws = pushgateways(2)
+    sd = tmp_path / "members.json"
+    sink = FileSdSink(FileSdSettings(str(sd)))  # no configured list: it remembers what it wrote
+    sink.apply([Member.parse(p.address) for p in pgws])
+    sink.apply([Member.parse(pgws[0].address)])
+
+    run = pgwshard("status", "--nodes-file", str(sd))
+
+    assert run.returncode == 1, run.stdout
+    assert f"needs attention: {pgws[1].address} is known but not in the ring" in run.stdout
+    rows = {line.split()[0]: line.split() for line in run.stdout.splitlines()[2:4]}
+    assert rows[pgws[1].address][:4] == [pgws[1].address, "no", "-", "healthy"]
+
+
+def test_an_empty_ring_from_a_nodes_file_is_reported_not_refused(pushgateways, tmp_path):
+    """It said "status needs the ring's members (--nodes, --nodes-file ...)" although one was given."""
+    from kong_plugin_pgwshard.core.file_sd import render_file_sd
+
+    [pgw] = pushgateways(1)
+    sd = tmp_path / "members.json"
+    sd.write_text(render_file_sd([], {}, outside=[Member.parse(pgw.address)]))
+
+    run = pgwshard("status", "--nodes-file", str(sd))
+
+    assert run.returncode == 1, run.stderr
+    assert "needs attention: no pushgateway in the ring takes groups" in run.stdout
+    assert pgw.address in run.stdout and "--nodes-file" not in run.stderr

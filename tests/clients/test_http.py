@@ -123,20 +123,30 @@ def test_a_read_is_retried_after_a_refused_connection_but_a_write_is_not():
 
 
 def test_one_client_serves_threads_over_pooled_connections(pushgateways):
+    """80 requests from 4 threads through one client: served, over at most its pool of
+    connections (4), as the pushgateway's side sees them (a relay counts them)."""
     pgw, = pushgateways(1)
-    client = PushgatewayClient(pgw.address)
+    relay = RawServer("relay", upstream=pgw.address).start()
+    client = PushgatewayClient(relay.address)
     errors: list[BaseException] = []
+    served = []
 
     def work():
         try:
             for _ in range(20):
                 client.groups()
+                served.append(1)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    try:
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        relay.stop()
     assert not errors
+    assert len(served) == 80
+    assert 1 <= relay.connections <= 4  # a client without keep-alive opens one per request: 80

@@ -6,7 +6,13 @@ import json
 
 import pytest
 
-from kong_plugin_pgwshard.core.file_sd import WEIGHT_LABEL, parse_file_sd, render_file_sd
+from kong_plugin_pgwshard.core.file_sd import (
+    IN_RING_LABEL,
+    WEIGHT_LABEL,
+    parse_file_sd,
+    parse_file_sd_outside,
+    render_file_sd,
+)
 from kong_plugin_pgwshard.core.grouping import GroupingKey
 from kong_plugin_pgwshard.core.members import Member
 from kong_plugin_pgwshard.core.ring import Ring
@@ -37,6 +43,15 @@ def test_every_member_of_weight_100_keeps_the_old_one_group_shape():
     text = render_file_sd([Member.parse("10.0.0.2:9091"), Member.parse("10.0.0.1:9091")], {})
     assert json.loads(text) == [{"targets": ["10.0.0.1:9091", "10.0.0.2:9091"], "labels": {}}]
     assert json.loads(render_file_sd([], {})) == [{"targets": [], "labels": {}}]
+
+
+def test_known_members_out_of_the_ring_are_listed_apart_and_no_ring_takes_them():
+    dead = Member.parse("10.0.0.9:9091")
+    text = render_file_sd(MEMBERS, {"env": "prod"}, outside=[dead])
+    assert json.loads(text)[-1] == {"targets": ["10.0.0.9:9091"], "labels": {"env": "prod", IN_RING_LABEL: "false"}}
+    assert sorted(parse_file_sd(text)) == sorted(MEMBERS)  # the plugin's ring: as without it
+    assert parse_file_sd_outside(text) == (parse_file_sd(text), [dead])
+    assert render_file_sd(MEMBERS, {}, outside=[]) == render_file_sd(MEMBERS, {})  # none: the old shape
 
 
 @pytest.mark.parametrize("labels", [{WEIGHT_LABEL: "heavy"}, {WEIGHT_LABEL: 50}, {WEIGHT_LABEL: "-1"}, ["x"]])

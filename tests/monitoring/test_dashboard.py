@@ -107,7 +107,7 @@ def stack():
         # rate() and increase() need two samples in their window: a few scrapes of every target
         wait_until(lambda: has("min(count_over_time(up[30s])) >= 3 and on() count(up == 1) == 4"), 30,
                    what="every target scraped a few times")
-        yield prometheus, pushed, sum(owned.values()) + 1
+        yield prometheus, pushed, sum(owned.values()) + 1, daemon
     finally:
         for part in reversed(parts):
             part.stop()
@@ -122,14 +122,14 @@ def test_every_panel_query_returns_series_from_the_stack(stack, title, expr):
 
 
 def test_the_pushgateway_panels_are_split_by_pushgateway(stack):
-    prometheus, _, pushed_groups = stack
+    prometheus, _, pushed_groups, _ = stack
     groups = prometheus.query(substitute(next(e for t, e in panel_queries() if t.startswith("Groups per"))))
     assert len({r["metric"].get("pushgateway") for r in groups}) == 3
     assert sum(int(r["value"][1]) for r in groups) == pushed_groups  # the moved one counted once
 
 
 def test_the_oldest_groups_table_shows_a_moved_group_by_its_client_push(stack):
-    prometheus, pushed, _ = stack
+    prometheus, pushed, *_ = stack
     [moved] = prometheus.query('pgwshard:push_group_last_client_push_time_seconds{job="planted"}')
     assert float(moved["value"][1]) == pytest.approx(pushed.push_time, abs=0.01)  # not the copy's time
 
@@ -157,3 +157,14 @@ def test_the_dashboard_is_a_current_grafana_dashboard():
             assert panel["targets"] and all(t["expr"].strip() and t["refId"] for t in panel["targets"])
     used = {m for _, e in panel_queries() for m in re.findall(r"\$\w+", e)}
     assert used <= {"$__rate_interval", "$pushgateway"}
+
+
+def test_the_sync_panel_shows_pgwshard_sync_up_then_down(stack):
+    """Issue 22: no panel showed whether pgwshard-sync is up. (Last in this file: it stops the
+    stack's pgwshard-sync.)"""
+    prometheus, *_, daemon = stack
+    expr = substitute(next(e for t, e in panel_queries() if t.startswith("pgwshard-sync up")))
+    [sync] = prometheus.query(expr)
+    assert sync["value"][1] == "1"
+    daemon.stop()
+    wait_until(lambda: [r["value"][1] for r in prometheus.query(expr)] == ["0"], 30, what="the panel to say down")

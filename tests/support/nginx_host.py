@@ -29,12 +29,17 @@ class RPCRelay:
     another connection than their event's HandleEvent.
 
     close_after_calls: hang up on the host after each answer asking for a PDK call, as a plugin
-    server closing connections would, so that the Step must come on another connection.
+    server closing connections would, so that the Step must come on another connection;
+    close_every: hang up after every Nth such answer only (the others keep their connection).
     split_answers: deliver every answer in two pieces a few ms apart, so the host must read on."""
 
-    def __init__(self, target: str, close_after_calls: bool = False, split_answers: bool = False):
+    def __init__(self, target: str, close_after_calls: bool = False, split_answers: bool = False,
+                 close_every: int = 0):
         self.target = target
         self.close_after_calls = close_after_calls
+        self.close_every = close_every
+        self.calls_asked = 0
+        self.hang_ups = 0
         self.split_answers = split_answers
         directory = temp_dir("pgwshard-relay-")
         os.chmod(directory, 0o711)  # nginx workers (never root) pass through to the socket
@@ -101,8 +106,14 @@ class RPCRelay:
             hang_up = False
             for message in unpacker:
                 self._record(message, number, requests)
-                hang_up |= not requests and self.close_after_calls and _asks_for_a_call(message)
+                if not requests and _asks_for_a_call(message):
+                    with self._lock:
+                        self.calls_asked += 1
+                        nth = self.close_every and self.calls_asked % self.close_every == 0
+                    hang_up |= self.close_after_calls or bool(nth)
             if hang_up:
+                with self._lock:
+                    self.hang_ups += 1
                 closing.set()
             try:
                 if self.split_answers and not requests and len(data) > 1:

@@ -1,5 +1,6 @@
 """Loopback TCP servers that misbehave on purpose: they answer with bytes that are not HTTP, or
-accept and never answer, or play a proxy that records whatever reaches it."""
+accept and never answer, or play a proxy that records whatever reaches it; or relay to a real
+server while counting the connections a client opens (is it pooling?)."""
 from __future__ import annotations
 
 import socket
@@ -10,10 +11,13 @@ class RawServer:
     """Accepts connections on a free loopback port; `mode` says what each gets:
     "garbage": the request is read, then non-HTTP bytes are sent and the connection closed;
     "hang": the connection is held open and never answered (until stop);
-    "record": like a proxy that never answers; every byte received is kept in `received`."""
+    "record": like a proxy that never answers; every byte received is kept in `received`;
+    "relay": every connection is relayed to `upstream` (host:port) both ways, untouched.
+    `connections` counts the connections accepted."""
 
-    def __init__(self, mode: str):
+    def __init__(self, mode: str, upstream: str | None = None):
         self.mode = mode
+        self.upstream = upstream
         self.received = bytearray()
         self.connections = 0
         self._sock = socket.socket()
@@ -58,6 +62,14 @@ class RawServer:
 
     def _handle(self, conn: socket.socket) -> None:
         conn.settimeout(0.5)
+        if self.mode == "relay":
+            assert self.upstream is not None, "relay needs an upstream"
+            host, _, port = self.upstream.rpartition(":")
+            far = socket.create_connection((host, int(port)), timeout=5)
+            far.settimeout(0.5)
+            threading.Thread(target=self._pump, args=(far, conn), daemon=True).start()
+            self._pump(conn, far)
+            return
         if self.mode == "hang":
             self._held.append(conn)
             return
@@ -84,3 +96,23 @@ class RawServer:
             except OSError:
                 pass
         conn.close()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        """Copy bytes until either side closes, or stop()."""
+        try:
+            while not self._stop.is_set():
+                try:
+                    chunk = source.recv(65536)
+                except TimeoutError:
+                    continue
+                if not chunk:
+                    break
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for side in (source, sink):
+                try:
+                    side.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass

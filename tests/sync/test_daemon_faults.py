@@ -114,3 +114,32 @@ def test_the_rebalancer_reads_one_immutable_membership(pushgateways, tmp_path):
         wait_until(lambda: len(daemon.placement[0].members) == 2, 10, what="the ring")
         ring, instances = daemon.placement
         assert isinstance(instances, tuple) and isinstance(daemon.known, frozenset)
+
+
+def test_a_failed_rebalance_copy_is_logged_with_its_group_and_the_answer(pushgateways, tmp_path, caplog):
+    """PgwshardRebalanceFailures sends operators to the log for "the group and the answer": the
+    log had the counts only (failed=1)."""
+    import logging
+
+    from kong_plugin_pgwshard.clients.pushgateway import PushgatewayClient
+    from kong_plugin_pgwshard.core.grouping import GroupingKey
+    from kong_plugin_pgwshard.core.ring import Member, Ring
+
+    pgws = pushgateways(2)
+    ring = Ring(Member.parse(p.address) for p in pgws)
+    key = GroupingKey.from_labels({"job": "clash", "instance": "x"})
+    owner = ring.owner(key).name
+    stray = next(p.address for p in pgws if p.address != owner)
+    # on the owner, another group holds `jobs` as a counter: the copy of a gauge `jobs` is refused
+    PushgatewayClient(owner).put_group(GroupingKey.from_labels({"job": "other"}), "# TYPE jobs counter\njobs 1\n")
+    PushgatewayClient(stray).put_group(key, "# TYPE jobs gauge\njobs 2\n")
+    settings = parse_settings({"pushgateways": [p.address for p in pgws], "health": {"probes": PROBES},
+                               "file_sd": {"path": str(tmp_path / "sd.json")},
+                               "rebalance": {"enabled": True, "quiet": "0s"}}, "test")
+    caplog.set_level(logging.INFO)
+
+    Daemon(settings)._reconcile(ring, tuple(ring.members))
+
+    assert "failed=0" not in caplog.text
+    failure = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("clash" in line and "400" in line for line in failure), caplog.text
