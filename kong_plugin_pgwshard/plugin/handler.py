@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import __version__
-from ..core.grouping import parse_push_path
+from ..core.grouping import bad_push_path_message, parse_push_path
 from ..core.ring import Member, Ring
 from ..errors import GroupingKeyError, NoMembersError
 from .config import FIELDS, PluginConfig, kong_schema
@@ -59,7 +59,7 @@ class Plugin:
                 if owner is None:
                     return  # reads and other paths: the route's own upstream balancing
             except GroupingKeyError as err:
-                kong.response.exit(400, {"message": f"pgwshard: bad push path: {err}"})
+                kong.response.exit(400, {"message": bad_push_path_message(err)})
                 return
             except NoMembersError as err:
                 kong.response.exit(503, {"message": f"pgwshard: {err}"})

@@ -30,7 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from ..clients.pushgateway import PushgatewayClient
-from ..core.grouping import GroupingKey, parse_push_path
+from ..core.grouping import GroupingKey, bad_push_path_message, parse_push_path
 from ..errors import GroupingKeyError, UpstreamError
 from ..rebalance.rebalancer import client_push_time
 
@@ -125,22 +125,45 @@ class DeleteAPI:
         api = self
 
         class Handler(BaseHTTPRequestHandler):
+            target = b""  # the request target, byte for byte
+
+            def parse_request(self) -> bool:
+                # http.server reads the request line as Latin-1, splits it on Unicode whitespace
+                # (0x85 and 0xa0 are UTF-8 continuation bytes) and collapses a leading `//`: hand
+                # it a stand-in target and keep the real one as bytes, split on SP as Go does.
+                raw: bytes = self.raw_requestline  # type: ignore[has-type]  # set by handle_one_request
+                words = raw.rstrip(b"\r\n").split(b" ")
+                if len(words) == 3:
+                    self.target = words[1]
+                    self.raw_requestline = b" ".join((words[0], b"/", words[2])) + b"\r\n"
+                try:
+                    return super().parse_request()
+                finally:
+                    self.raw_requestline = raw
+
             def do_DELETE(self) -> None:  # noqa: N802 - http.server's naming
-                status, text = api.delete(self.path)
+                # As Kong hands the raw path to the plugin (msgpack, decoded as UTF-8 with
+                # surrogateescape): bytes that are not UTF-8 stay visible to parse_push_path.
+                status, text = api.delete(self.target.decode("utf-8", "surrogateescape"))
                 self._answer(status, text)
 
             def do_GET(self) -> None:  # noqa: N802
-                if self.path in ("/-/healthy", "/-/ready"):
+                if self.target in (b"/-/healthy", b"/-/ready"):
                     self._answer(200, "OK")
                 else:
-                    self._answer(405, "only DELETE on push paths is served here")
+                    self._answer(405, "pgwshard: only DELETE on push paths is served here")
 
             do_PUT = do_POST = do_GET  # noqa: N815
 
             def _answer(self, status: int, text: str) -> None:
-                body = (text + "\n").encode("utf-8")
+                # Errors as the gateway answers its own: JSON with a message in Pushgateway's
+                # wording; a 202 has no body, as Pushgateway's.
+                if status >= 400:
+                    body, kind = (json.dumps({"message": text}) + "\n").encode("utf-8"), "application/json"
+                else:
+                    body, kind = (text + "\n" if text else "").encode("utf-8"), "text/plain; charset=utf-8"
                 self.send_response(status)
-                self.send_header("Content-Type", "text/plain; charset=utf-8")
+                self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -165,18 +188,19 @@ class DeleteAPI:
         self.server.server_close()
 
     def delete(self, path: str) -> tuple[int, str]:
-        """Record the tombstone, delete everywhere; (status, body) as Pushgateway would answer."""
+        """Record the tombstone, delete everywhere; (status, message) as the gateway would answer.
+        path: the raw request target as the gateway's plugin gets it (UTF-8, surrogateescape)."""
         try:
             key = parse_push_path(path, self.route_prefix)
         except GroupingKeyError as err:
-            return 400, str(err)
+            return 400, bad_push_path_message(err)
         if key is None:
-            return 404, "not a push path"
+            return 404, "pgwshard: not a push path"
         try:
             self.tombstones.record(key)
         except OSError as err:
             log.error("delete of %s refused: the tombstone could not be stored: %s", key, err)
-            return 503, "the delete could not be recorded; nothing was deleted"
+            return 503, "pgwshard: the delete could not be recorded; nothing was deleted"
         failed = []
         for name in sorted(set(self.instances())):
             client = PushgatewayClient(name, timeout=self.timeout)
