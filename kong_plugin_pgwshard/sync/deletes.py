@@ -29,6 +29,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -45,6 +46,8 @@ _SQLITE_MAGIC = b"SQLite format 3\x00"
 # Expired tombstones a delete removes besides recording its own: bounded, so a delete stays O(1)
 # (the whole backlog goes at start, when an old store is opened).
 _EXPIRE_PER_RECORD = 64
+# Threads deleting a group on the pushgateways, for all deletes at once (one per instance each).
+_DELETE_THREADS = 8
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tombstones (
     key TEXT PRIMARY KEY,        -- str(GroupingKey): the canonical label set
@@ -65,15 +68,19 @@ class Tombstones:
 
     def __init__(self, path: str | None, ttl: float, clock: Callable[[], float] = time.time):
         self.path, self.ttl, self._clock = path, ttl, clock
-        # One connection for the delete API's threads, the rebalancer and the daemon: every use
-        # is a single statement or a single short transaction, so the lock is never held long.
-        self._lock = threading.Lock()
+        # Two connections, each behind its lock: deletes write through one, lookups (the
+        # rebalancer's, the daemon's) read through the other and, in WAL mode, never wait for a
+        # write's fsync. In memory there is one database, so one connection.
+        self._lock, self._read_lock = threading.Lock(), threading.Lock()
         try:
             if path:
                 _migrate_json(path, ttl, clock)
             self._db = _connect(path or ":memory:")
             with self._db:
                 self._db.execute("DELETE FROM tombstones WHERE deleted_at <= ?", (clock() - ttl,))
+            self._reader = _connect(path) if path else self._db
+            if not path:
+                self._read_lock = self._lock
         except sqlite3.Error as err:
             # Starting without them would undo acknowledged deletes: refuse to start instead.
             raise OSError(f"cannot open the tombstone store {path}: {err}") from None
@@ -99,8 +106,8 @@ class Tombstones:
             return at
 
     def deleted_at(self, key: GroupingKey) -> float | None:
-        with self._lock:
-            row = self._db.execute("SELECT deleted_at FROM tombstones WHERE key = ?", (str(key),)).fetchone()
+        with self._read_lock:
+            row = self._reader.execute("SELECT deleted_at FROM tombstones WHERE key = ?", (str(key),)).fetchone()
         return row[0] if row is not None and row[0] > self._clock() - self.ttl else None
 
     def covers(self, key: GroupingKey, pushed_at: float) -> bool:
@@ -110,12 +117,15 @@ class Tombstones:
 
     def __len__(self) -> int:
         """Tombstones in force (an index range count)."""
-        with self._lock:
-            return self._db.execute("SELECT count(*) FROM tombstones WHERE deleted_at > ?",
+        with self._read_lock:
+            return self._reader.execute("SELECT count(*) FROM tombstones WHERE deleted_at > ?",
                                     (self._clock() - self.ttl,)).fetchone()[0]
 
     def close(self) -> None:
         with self._lock:
+            if self._reader is not self._db:
+                with self._read_lock:
+                    self._reader.close()
             self._db.close()
 
 
@@ -208,6 +218,9 @@ class DeleteAPI:
         host, _, port = listen.rpartition(":")
         self.tombstones, self.instances = tombstones, instances
         self.route_prefix, self.timeout = route_prefix, timeout
+        self._clients: dict[str, PushgatewayClient] = {}
+        self._clients_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(_DELETE_THREADS, thread_name_prefix="pgwshard-delete")
         api = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -272,6 +285,22 @@ class DeleteAPI:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+        self._pool.shutdown(wait=True)
+        with self._clients_lock:
+            for client in self._clients.values():
+                client.close()
+            self._clients.clear()
+
+    def _clients_for(self, names: list[str]) -> dict[str, PushgatewayClient]:
+        """One kept client per known instance. One no longer known is dropped, not closed: a
+        delete may still be using it (its connections close when the last user lets it go)."""
+        with self._clients_lock:
+            for gone in set(self._clients) - set(names):
+                del self._clients[gone]
+            for name in names:
+                if name not in self._clients:
+                    self._clients[name] = PushgatewayClient(name, timeout=self.timeout, pool_size=_DELETE_THREADS)
+            return dict(self._clients)
 
     def delete(self, path: str) -> tuple[int, str]:
         """Record the tombstone, delete everywhere; (status, message) as the gateway would answer.
@@ -287,15 +316,17 @@ class DeleteAPI:
         except OSError as err:
             log.error("delete of %s refused: the tombstone could not be stored: %s", key, err)
             return 503, "pgwshard: the delete could not be recorded; nothing was deleted"
+        # Every instance at once, over kept connections: a delete waits for the slowest
+        # instance, not for the sum of them (nor for a new connection to each).
+        names = sorted(set(self.instances()))
+        clients = self._clients_for(names)
+        calls = {name: self._pool.submit(clients[name].delete_group, key) for name in names}
         failed = []
-        for name in sorted(set(self.instances())):
-            client = PushgatewayClient(name, timeout=self.timeout)
+        for name, call in calls.items():
             try:
-                client.delete_group(key)
+                call.result()
             except UpstreamError as err:
                 failed.append(name)  # the tombstone deletes it before that instance rejoins
                 log.debug("%s", err)
-            finally:
-                client.close()
         log.info("deleted %s%s", key, f" (later on {','.join(failed)})" if failed else "")
         return 202, ""
