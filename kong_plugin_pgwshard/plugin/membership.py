@@ -91,7 +91,7 @@ def read_upstream_targets(admin_url: str, upstream: str, token: str | None, time
     """The targets of a Kong upstream: one paginated GET /upstreams/<u>/targets, which a node's
     Admin API serves and, with `database = off` (DB-less nodes, hybrid data planes), its
     Status API too, read-only and without a token (kong/status/init.lua)."""
-    # Imported here: requests and its TLS stack are ~16 MiB resident, needed by this mode only.
+    # Imported here: requests and its TLS stack are ~8 MiB resident, needed by this mode only.
     from ..clients.kong import KongAdmin
     admin = KongAdmin(admin_url, token, timeout)  # the one Admin API client (no logging, no token in errors)
     try:

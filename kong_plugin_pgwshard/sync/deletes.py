@@ -231,6 +231,7 @@ class DeleteAPI:
                 # (0x85 and 0xa0 are UTF-8 continuation bytes) and collapses a leading `//`: hand
                 # it a stand-in target and keep the real one as bytes, split on SP as Go does.
                 raw: bytes = self.raw_requestline  # type: ignore[has-type]  # set by handle_one_request
+                self.target = b""  # not the previous request's on a kept-alive connection
                 words = raw.rstrip(b"\r\n").split(b" ")
                 if len(words) == 3:
                     self.target = words[1]

@@ -143,3 +143,42 @@ def test_fuzz_every_vector_the_delete_api_reads_as_the_gateway(delete_api):
             assert tombstones.recorded == [expected], target
             gone(pgw, expected)
     assert tried == 7 * len(VECTORS)
+
+
+def raw_request(port: int, method: bytes, target: bytes, body: bytes = b"") -> int:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(method + b" " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                     + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return int(answer.split(b" ", 2)[1])
+
+
+def test_through_the_host_a_raw_utf8_delete_removes_what_the_same_path_pushed(pushgateways):
+    """End to end, as a client sees it: PUT and DELETE of one raw UTF-8 path through the
+    OpenResty host (the plugin routes the PUT, nginx passes the DELETE's request target
+    unchanged to the delete API): the group is gone from every pushgateway."""
+    from kong_plugin_pgwshard.harness.nginx import NginxHost
+    from kong_plugin_pgwshard.harness.processes import PluginServer
+
+    pgws = pushgateways(2)
+    nodes = [p.address for p in pgws]
+    api = DeleteAPI("127.0.0.1:0", RecordingTombstones(), lambda: nodes).start()
+    server = PluginServer().start()
+    host = NginxHost(server.socket_path, {"membership": "static", "nodes": nodes}, nodes,
+                     deletes=f"127.0.0.1:{api.port}").start()
+    try:
+        for target in ["/metrics/job/été/instance/x", "/metrics/job/x/instance/Å-à", "/metrics/job/日本/a/%C3%A9"]:
+            raw = target.encode("utf-8")
+            key = gateway_key(raw)
+            assert key is not None
+            assert raw_request(host.port, b"PUT", raw, b"fuzz_metric 1\n") == 200
+            assert any(str(key) in held(p) for p in pgws)
+            assert raw_request(host.port, b"DELETE", raw) == 202
+            for pgw in pgws:
+                gone(pgw, key)
+    finally:
+        host.stop()
+        server.stop()
+        api.stop()
