@@ -145,3 +145,21 @@ def test_a_tombstone_store_that_cannot_be_opened_stops_pgwshard_sync_at_start(tm
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(OSError, match="bad.json"):
         Tombstones(str(tmp_path / "bad.json"), ttl=60)
+
+
+def test_expired_tombstones_leave_the_store(tmp_path):
+    """TTL expiry as before, and the rows really go: at start, and a few with each delete."""
+    now = [1000.0]
+    path = str(tmp_path / "t.db")
+    store = Tombstones(path, ttl=60, clock=lambda: now[0])
+    for n in range(100):
+        store.record(fleet_key(n))
+    now[0] += 61
+    assert store.deleted_at(fleet_key(0)) is None and len(store) == 0
+    store.record(fleet_key(1000))  # removes up to 64 expired rows besides
+    rows = store._db.execute("SELECT count(*) FROM tombstones").fetchone()[0]
+    assert 1 < rows <= 100 - 64 + 1
+    store.close()
+    again = Tombstones(path, ttl=60, clock=lambda: now[0])  # the rest at start
+    assert again._db.execute("SELECT count(*) FROM tombstones").fetchone()[0] == 1
+    assert again.deleted_at(fleet_key(1000)) == 1061.0
