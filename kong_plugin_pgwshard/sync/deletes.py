@@ -119,7 +119,7 @@ class Tombstones:
         """Tombstones in force (an index range count)."""
         with self._read_lock:
             return self._reader.execute("SELECT count(*) FROM tombstones WHERE deleted_at > ?",
-                                    (self._clock() - self.ttl,)).fetchone()[0]
+                                        (self._clock() - self.ttl,)).fetchone()[0]
 
     def close(self) -> None:
         with self._lock:
