@@ -4,8 +4,9 @@ rebalance pass over 10,000 groups.
 
 Prints: the migration of a 100,000-entry JSON tombstone file (the format of earlier releases),
 DELETE latency p50/p99/max (sequential, from a client, through the real pgwshard-sync process,
-each delete also sent to 3 real pushgateways), bytes the daemon wrote per delete, and the time of
-10,000 `covers` lookups as the rebalancer makes them, alone and while deletes run.
+each delete also sent to 3 real pushgateways), bytes the daemon wrote per delete, the durable
+write alone, and the time of 10,000 `covers` lookups as the rebalancer makes them, alone and
+while deletes run. Prints the machine's load average too: the tails follow it.
 
     python bench/tombstone_bench.py [--tombstones 100000] [--deletes 2000] [--groups 10000] [--dir DIR]
 
@@ -61,6 +62,7 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=10_000)
     parser.add_argument("--dir", default=None)
     args = parser.parse_args()
+    print(f"load average at start: {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
     work = args.dir or tempfile.mkdtemp(prefix="pgwshard-tombstone-bench-", dir="/var/tmp")
     path = os.path.join(work, "tombstones.json")
     now = time.time()
@@ -108,8 +110,18 @@ def main() -> None:
         for pgw in pgws:
             pgw.stop()
 
-    # The rebalancer's check: covers(key, pushed_at) per copy, in its own thread of the daemon.
+    # The durable write alone (what a DELETE costs before it reaches any pushgateway).
     store = Tombstones(path, TTL)
+    alone_writes = []
+    for n in range(args.deletes):
+        t0 = time.perf_counter()
+        store.record(key("alone", n))
+        alone_writes.append(time.perf_counter() - t0)
+    print(f"the tombstone write alone (commit + fsync of the write-ahead log), {args.deletes} in a row: "
+          f"p50 {statistics.median(alone_writes) * 1e3:.2f} ms, p99 {pct(alone_writes, 0.99) * 1e3:.2f} ms, "
+          f"max {max(alone_writes) * 1e3:.1f} ms")
+
+    # The rebalancer's check: covers(key, pushed_at) per copy, in its own thread of the daemon.
     groups = [key("batch", n * 13) for n in range(args.groups)]  # most covered, some not
     t0 = time.perf_counter()
     covered = sum(store.covers(k, now - TTL) for k in groups)
@@ -134,6 +146,7 @@ def main() -> None:
     print(f"tombstone check of a rebalance pass, {args.groups:,} groups ({covered:,} covered) at "
           f"{len(store):,} tombstones: {alone * 1e3:.0f} ms alone, {during * 1e3:.0f} ms while deletes are recorded")
     store.close()
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
