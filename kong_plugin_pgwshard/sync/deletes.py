@@ -29,7 +29,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -46,8 +45,8 @@ _SQLITE_MAGIC = b"SQLite format 3\x00"
 # Expired tombstones a delete removes besides recording its own: bounded, so a delete stays O(1)
 # (the whole backlog goes at start, when an old store is opened).
 _EXPIRE_PER_RECORD = 64
-# Threads deleting a group on the pushgateways, for all deletes at once (one per instance each).
-_DELETE_THREADS = 8
+# Connections kept to each pushgateway, for deletes running at once (more are opened and closed).
+_KEPT_CONNECTIONS = 16
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tombstones (
     key TEXT PRIMARY KEY,        -- str(GroupingKey): the canonical label set
@@ -220,7 +219,6 @@ class DeleteAPI:
         self.route_prefix, self.timeout = route_prefix, timeout
         self._clients: dict[str, PushgatewayClient] = {}
         self._clients_lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(_DELETE_THREADS, thread_name_prefix="pgwshard-delete")
         api = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -286,7 +284,6 @@ class DeleteAPI:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-        self._pool.shutdown(wait=True)
         with self._clients_lock:
             for client in self._clients.values():
                 client.close()
@@ -300,7 +297,7 @@ class DeleteAPI:
                 del self._clients[gone]
             for name in names:
                 if name not in self._clients:
-                    self._clients[name] = PushgatewayClient(name, timeout=self.timeout, pool_size=_DELETE_THREADS)
+                    self._clients[name] = PushgatewayClient(name, timeout=self.timeout, pool_size=_KEPT_CONNECTIONS)
             return dict(self._clients)
 
     def delete(self, path: str) -> tuple[int, str]:
@@ -318,16 +315,28 @@ class DeleteAPI:
             log.error("delete of %s refused: the tombstone could not be stored: %s", key, err)
             return 503, "pgwshard: the delete could not be recorded; nothing was deleted"
         # Every instance at once, over kept connections: a delete waits for the slowest
-        # instance, not for the sum of them (nor for a new connection to each).
+        # instance, not for the sum of them (nor for a new connection to each). A thread per
+        # instance of this delete, not a shared pool: a hung instance holds up this delete for
+        # its timeouts, never the deletes queued behind it.
         names = sorted(set(self.instances()))
         clients = self._clients_for(names)
-        calls = {name: self._pool.submit(clients[name].delete_group, key) for name in names}
-        failed = []
-        for name, call in calls.items():
+        failed: list[str] = []
+
+        def delete_on(name: str) -> None:
             try:
-                call.result()
+                clients[name].delete_group(key)
             except UpstreamError as err:
                 failed.append(name)  # the tombstone deletes it before that instance rejoins
                 log.debug("%s", err)
+
+        helpers = [threading.Thread(target=delete_on, args=(name,), name="pgwshard-delete", daemon=True)
+                   for name in names[1:]]
+        for helper in helpers:
+            helper.start()
+        if names:
+            delete_on(names[0])
+        for helper in helpers:
+            helper.join()
+        failed.sort()
         log.info("deleted %s%s", key, f" (later on {','.join(failed)})" if failed else "")
         return 202, ""
