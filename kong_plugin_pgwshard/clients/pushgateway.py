@@ -30,10 +30,12 @@ class Group:
 class PushgatewayClient:
     """HTTP client for one pushgateway, addressed as "host:port" (or a base URL)."""
 
-    def __init__(self, address: str, timeout: float | Timeouts = 5.0, proxy: str | None = None):
+    def __init__(self, address: str, timeout: float | Timeouts = 5.0, proxy: str | None = None,
+                 pool_size: int = 4):
+        """pool_size: connections kept for threads calling at once (the delete API's)."""
         self.base_url = address.rstrip("/") if "://" in address else f"http://{address}"
         self.name = address
-        self._http = HttpClient(self.base_url, name=address, timeout=timeout, proxy=proxy)
+        self._http = HttpClient(self.base_url, name=address, timeout=timeout, proxy=proxy, pool_size=pool_size)
 
     def close(self) -> None:
         self._http.close()

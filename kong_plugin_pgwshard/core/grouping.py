@@ -110,6 +110,11 @@ def parse_push_path(path: str, prefix: str = "") -> GroupingKey | None:
     return GroupingKey(tuple(sorted(labels.items())))
 
 
+def bad_push_path_message(err: GroupingKeyError) -> str:
+    """The message of the gateway's 400 for a push path it refuses (also the delete API's)."""
+    return f"pgwshard: bad push path: {err}"
+
+
 def _split_labels(label_string: str) -> dict[str, str]:
     labels: dict[str, str] = {}
     if len(label_string) <= 1:

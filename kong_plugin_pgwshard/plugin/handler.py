@@ -11,10 +11,11 @@ remembered for the ring it was computed on: a repeated push skips parsing and ha
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from .. import __version__
-from ..core.grouping import parse_push_path
+from ..core.grouping import bad_push_path_message, parse_push_path
 from ..core.ring import Member, Ring
 from ..errors import GroupingKeyError, NoMembersError
 from .config import FIELDS, PluginConfig, kong_schema
@@ -27,13 +28,27 @@ version = __version__
 # After authentication (1000+) and rate limiting (910), before request-transformer (801) and the
 # logging plugins: a rejected or throttled push never reaches a pushgateway.
 priority = 850
-# Push paths whose owner is remembered, bounded in bytes (a bound in entries let 16,384 paths of
-# 8 KB each take ~130 MB per instance): at the bound the memo starts afresh. A path longer than
-# MEMO_MAX_PATH is never remembered: it is parsed each time (a fleet's paths are ~100 bytes).
-OWNER_MEMO_BYTES = 4 * 1024 * 1024
+# Push paths whose owner is remembered, bounded in bytes for the whole process (a bound in
+# entries let 16,384 paths of 8 KB each take ~130 MB per instance; a bound per instance still
+# grew with Kong's workers, each of which starts its own instance): when a new entry would pass
+# the bound, every instance's memo starts afresh. A path longer than MEMO_MAX_PATH is never
+# remembered: it is parsed each time (a fleet's paths are ~100 bytes).
+OWNER_MEMO_BYTES = 2 * 1024 * 1024
 MEMO_MAX_PATH = 1024
 # What one entry costs besides its path's characters: the str header, a dict slot, a reference.
 _MEMO_ENTRY_OVERHEAD = 120
+# Every instance with a memo, and the bytes all of them hold (an instance dropped unclosed keeps
+# its share counted until the next fresh start). Only the RPC loop's thread runs phases (in
+# greenlets), so no lock: nothing else reads or writes these.
+_memos: weakref.WeakSet[Plugin] = weakref.WeakSet()
+_memo_total = 0
+
+
+def _forget_all_owners() -> None:
+    global _memo_total
+    for plugin in list(_memos):
+        plugin._forget_owners()
+    _memo_total = 0
 
 
 class Plugin:
@@ -49,6 +64,12 @@ class Plugin:
     def close(self) -> None:
         """Kong closed this instance (pgwshard-plugin calls this; kong-pdk's own server does not)."""
         release(self.membership)
+        self._forget_owners()
+
+    def _forget_owners(self) -> None:
+        global _memo_total
+        _memo_total -= self._memo_bytes
+        self._owners, self._memo_bytes = {}, 0
 
     def access(self, kong: Any) -> None:
         # An exception escaping here would leave Kong waiting on its socket until it times out.
@@ -59,7 +80,7 @@ class Plugin:
                 if owner is None:
                     return  # reads and other paths: the route's own upstream balancing
             except GroupingKeyError as err:
-                kong.response.exit(400, {"message": f"pgwshard: bad push path: {err}"})
+                kong.response.exit(400, {"message": bad_push_path_message(err)})
                 return
             except NoMembersError as err:
                 kong.response.exit(503, {"message": f"pgwshard: {err}"})
@@ -73,9 +94,11 @@ class Plugin:
                 pass
 
     def _owner(self, path: str) -> Member | None:
+        global _memo_total
         ring = self.membership.ring()
         if ring is not self._memo_ring:  # membership changed: owners may have too
-            self._memo_ring, self._owners, self._memo_bytes = ring, {}, 0
+            self._forget_owners()
+            self._memo_ring = ring
         owner = self._owners.get(path)
         if owner is None:
             key = parse_push_path(path, self.config.route_prefix)
@@ -84,8 +107,10 @@ class Plugin:
             owner = ring.owner(key)
             if len(path) <= MEMO_MAX_PATH:
                 cost = len(path) + _MEMO_ENTRY_OVERHEAD
-                if self._memo_bytes + cost > OWNER_MEMO_BYTES:
-                    self._owners, self._memo_bytes = {}, 0
+                if _memo_total + cost > OWNER_MEMO_BYTES:
+                    _forget_all_owners()
                 self._owners[path] = owner
                 self._memo_bytes += cost
+                _memo_total += cost
+                _memos.add(self)
         return owner

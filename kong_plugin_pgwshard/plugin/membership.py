@@ -13,7 +13,6 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
-from ..clients.kong import KongAdmin
 from ..core.file_sd import read_file_sd
 from ..core.ring import Member, Ring
 from ..errors import UpstreamError
@@ -92,6 +91,8 @@ def read_upstream_targets(admin_url: str, upstream: str, token: str | None, time
     """The targets of a Kong upstream: one paginated GET /upstreams/<u>/targets, which a node's
     Admin API serves and, with `database = off` (DB-less nodes, hybrid data planes), its
     Status API too, read-only and without a token (kong/status/init.lua)."""
+    # Imported here: requests and its TLS stack are ~8 MiB resident, needed by this mode only.
+    from ..clients.kong import KongAdmin
     admin = KongAdmin(admin_url, token, timeout)  # the one Admin API client (no logging, no token in errors)
     try:
         targets = [(t["target"], int(t.get("weight", 100))) for t in admin.targets(upstream)]

@@ -23,6 +23,7 @@ WATCHDOG_SECONDS = 1.0
 DRAIN_SECONDS = 10.0  # at most, past Kong's plugin-server read timeout (kong.conf: 5 s)
 DRAIN_IDLE_SECONDS = 1.0  # a drain ends once no connection has said anything this long
 SEND_TIMEOUT_SECONDS = 5.0
+UNPACK_BUFFER_BYTES = 16 * 1024
 
 
 _CAMEL = re.compile("([a-z])([A-Z])")
@@ -188,7 +189,12 @@ class RPCServer:
         conn.setblocking(False)
         # Kong sends Lua strings as msgpack str whatever their bytes (a raw request path may not
         # be UTF-8): keep such bytes as surrogates, for the plugin to refuse, not the connection.
-        unpacker = msgpack.Unpacker(strict_map_key=False, unicode_errors="surrogateescape")
+        # read_size: msgpack's default buffer is 1 MiB per connection, and every byte of it
+        # becomes resident as messages cycle through it (Kong opens a connection per concurrent
+        # request of each worker). A request is ~1 KB: start at 16 KiB; the buffer still grows
+        # for a larger message (it never shrinks, so a connection holds its largest message).
+        unpacker = msgpack.Unpacker(strict_map_key=False, unicode_errors="surrogateescape",
+                                    read_size=UNPACK_BUFFER_BYTES)
         self._connections[conn.fileno()] = (conn, unpacker)
         self._poller.register(conn.fileno(), select.EPOLLIN)
 

@@ -511,7 +511,10 @@ def main(argv: Iterable[str] | None = None) -> None:
         return
     configure_logging(settings.log_level, [settings.consul.token if settings.consul else None,
                                            settings.kong.admin_token if settings.kong else None])
-    daemon = Daemon(settings)
+    try:
+        daemon = Daemon(settings)
+    except OSError as err:  # the tombstone store cannot be opened: acknowledged deletes need it
+        sys.exit(f"pgwshard-sync: {err}")
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.stop.set())
     if args.once:

@@ -59,3 +59,53 @@ def test_systemd_accepts_every_unit(installed_venv):
     result = subprocess.run(["systemd-analyze", "verify", "--man=no", *sorted(map(str, units.iterdir()))],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr  # unknown keys only warn
+
+
+def _comments(unit: Path) -> str:
+    return " ".join(line.lstrip("# ").strip() for line in unit.read_text().splitlines() if line.startswith("#"))
+
+
+def _supervise_paragraph() -> str:
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("- **Supervise**")
+    return " ".join(readme[start:readme.index("\n## ", start)].split())
+
+
+def test_the_host_unit_and_readme_say_what_the_host_answers_while_the_plugin_server_restarts(pushgateways):
+    """Issue 21, finding 9: the unit and README said 503, but a host run as the unit runs it
+    (no --fail-fast) answers 200 through the path hash, as Kong does. Here the host runs with
+    the unit's choice, the plugin server dies and comes back, and the texts name the answers."""
+    from kong_plugin_pgwshard.harness.nginx import NginxHost
+    from kong_plugin_pgwshard.harness.processes import PluginServer, http_request, wait_until
+    from tests.stack.test_plugin_server_failure import holders, owner, push, restart
+
+    unit = REPO / "systemd/pgwshard-host.service"
+    fail_fast = "--fail-fast" in _commands(unit)[0]
+    pgws = pushgateways(3)
+    nodes = [p.address for p in pgws]
+    server = PluginServer().start()
+    host = NginxHost(server.socket_path, {"membership": "static", "nodes": nodes}, nodes,
+                     host_settings={"fail_fast": True} if fail_fast else {}).start()
+    revived = None
+    try:
+        assert push(host.url + "/metrics/job/before")[0] == 200
+        server.kill()
+        during = "/metrics/job/during-restart/instance/x"
+        status = push(host.url + during)[0]
+        assert status == (503 if fail_fast else 200)
+        if not fail_fast:
+            assert len(holders(pgws, during)) == 1  # on the one pushgateway the path hash picks
+        revived = restart(server)
+        after = "/metrics/job/after-restart/instance/x"
+        wait_until(lambda: push(host.url + after)[0] == 200 and holders(pgws, after) == [owner(pgws, after)],
+                   15, what="the host routing through the plugin again")
+        assert http_request(host.url + "/-/healthy")[0] == 200
+    finally:
+        host.stop()
+        server.stop()
+        if revived is not None:
+            revived.stop()
+    said, readme = _comments(unit), _supervise_paragraph()
+    assert f"answers {status}" in said and f"answers {status}" in readme
+    assert "--fail-fast" in said and "answers 503" in readme  # the other choice, named as such
+    assert "answers 503 meanwhile" not in said + readme

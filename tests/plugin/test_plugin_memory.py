@@ -101,7 +101,7 @@ def test_100k_pushes_keep_the_server_flat(plugin_server_factory, kind):
 def test_distinct_long_push_paths_keep_the_server_within_a_few_mb(plugin_server_factory, method):
     """Issue 14: the owner memo was bounded in entries, not bytes; 40,000 requests on distinct
     8 KB push paths grew the plugin server by ~160 MB. Bound stated here: under 16 MiB of growth
-    after a warm-up (the memo's own bound is 4 MiB; the rest is allocator slack)."""
+    after a warm-up (8 KB paths are never remembered, see MEMO_MAX_PATH: the rest is allocator slack)."""
     server = plugin_server_factory()
     rpc = KongRPC(server.socket_path)
     iid = rpc.start_instance("pgwshard", {"nodes": ["127.0.0.1:9999"]})
@@ -156,3 +156,58 @@ def test_instance_churn_keeps_the_server_flat(plugin_server_factory, tmp_path):
     print(f"plugin server RSS, instance churn: {rss_warm} KiB after 200, {rss_end} KiB after 1,500")
     # a leaked instance (its config, ring, poller state) is several KiB: 1,300 would be > 4 MiB
     assert rss_end - rss_warm < 4 * 1024
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("membership", ["static", "upstream"])
+def test_40k_distinct_1kb_push_paths_through_the_host_keep_the_server_under_40_mb(plugin_server_factory, membership):
+    """Issue 21, finding 9: through the OpenResty host (2 workers, so 2 instances, and a Kong
+    connection per concurrent request), 40,000 distinct 1 KB push paths took the plugin server
+    to 48-51 MiB: msgpack's 1 MiB buffer per connection, filled as messages cycled through it,
+    a 4 MiB memo per instance, and requests' TLS stack imported in every mode. Bound: 40 MB
+    (10^6 bytes) in all, whichever way the membership is read."""
+    import http.client
+    import threading
+
+    from kong_plugin_pgwshard.harness.nginx import NginxHost
+    from kong_plugin_pgwshard.harness.processes import free_port
+    from tests.support.kong_admin_double import KongAdminDouble
+
+    dead = f"127.0.0.1:{free_port()}"  # the plugin's work is done once it set the target
+    kong = None
+    config: dict = {"membership": "static", "nodes": [dead]}
+    if membership == "upstream":
+        kong = KongAdminDouble().start()
+        kong.add_upstream("pushgateways", [dead])
+        config = {"membership": "upstream", "upstream": "pushgateways", "admin_url": kong.url}
+    server = plugin_server_factory()
+    host = NginxHost(server.socket_path, config, [dead], workers=2).start()
+    statuses: dict[int, int] = {}
+    clients = 4
+
+    def send(first: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", host.port, timeout=30)
+        try:
+            for i in range(first, 40_000, clients):
+                head = f"/metrics/job/fleet/instance/{i:08d}"
+                conn.request("PUT", head + "v" * (1024 - len(head)), body=b"x 1\n")
+                answer = conn.getresponse()
+                answer.read()
+                statuses[answer.status] = statuses.get(answer.status, 0) + 1
+        finally:
+            conn.close()
+
+    try:
+        threads = [threading.Thread(target=send, args=(n,)) for n in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(600)
+        rss = server.rss_kib()
+    finally:
+        host.stop()
+        if kong is not None:
+            kong.stop()
+    print(f"plugin server RSS after 40,000 distinct 1 KB paths ({membership}): {rss} KiB")
+    assert statuses == {502: 40_000}  # each routed by the plugin to its (dead) owner
+    assert rss * 1024 <= 40_000_000

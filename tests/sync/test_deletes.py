@@ -85,15 +85,6 @@ def test_tombstones_survive_a_restart_and_expire(tmp_path):
     assert again.deleted_at(key) is None
 
 
-def test_a_delete_that_cannot_be_recorded_is_not_acknowledged(tmp_path):
-    from kong_plugin_pgwshard.sync.deletes import DeleteAPI
-    api = DeleteAPI("127.0.0.1:0", Tombstones(str(tmp_path / "missing-dir" / "t.json"), ttl=60), lambda: [])
-    assert api.delete("/metrics/job/a")[0] == 503
-    assert api.delete("/metrics/job/a/b")[0] == 400
-    assert api.delete("/api/v1/metrics")[0] == 404
-    api.server.server_close()
-
-
 @pytest.mark.parametrize("deletes, key", [
     ({"listen": "127.0.0.1:9552"}, "deletes.tombstone_file"),
     ({"tombstone_file": "/x", "tombstone_ttl": "1s"}, "deletes.tombstone_ttl"),
@@ -133,7 +124,8 @@ def test_the_host_sends_deletes_past_the_plugin_to_the_delete_api(pushgateways, 
                        what="the delete API listening")
             server.stop()
             assert request(host.url + key.path(), "DELETE") == 202
-            assert all(str(key) not in held(p) for p in pgws)
+            # Pushgateway applies a DELETE from its write queue, after its 202: wait for it
+            wait_until(lambda: all(str(key) not in held(p) for p in pgws), 10, what="the group deleted")
             assert Tombstones(str(tombs), ttl=3600).deleted_at(key) is not None
             assert request(host.url + "/metrics/job/batch/instance/kept", "PUT", b"batch_done 2\n") == 200
     finally:
