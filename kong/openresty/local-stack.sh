@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # pgwshard's local stack on one Debian machine: installs what it needs (Debian packages, a
-# virtualenv with pgwshard), then runs three pushgateways, the plugin server, the OpenResty host,
+# virtualenv with pgwshard), then runs three pushgateways, the plugin server, the OpenResty host
+# (--gateway kong: a DB-less Kong node, a Kong 3.9 named by PGWSHARD_KONG or on PATH),
 # pgwshard-sync on its own probes and Prometheus; pushes sample groups, prints where each went,
 # and stays up until Ctrl-C. Arguments go to local_stack.py (--help). PGWSHARD_VENV: where to make
 # the virtualenv (default .venv in the checkout).
@@ -16,6 +17,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 venv="${PGWSHARD_VENV:-.venv}"
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+# Debian's python3 where there is one: with --gateway kong started as root, Kong's workers run as
+# nobody, and so does the plugin server they spawn from this virtualenv (a python under /root is
+# out of their reach).
+py=python3; [ -x /usr/bin/python3 ] && py=/usr/bin/python3
+[ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
 "$venv/bin/pip" install -q -e .   # the package alone: the stack needs no test extras
+if [ "$(id -u)" = 0 ] && ! runuser -u nobody -- "$venv/bin/python" -c "import kong_plugin_pgwshard" 2>/dev/null; then
+  export PGWSHARD_KONG_USER="root root"   # nobody cannot run this virtualenv: Kong's workers stay root
+fi
 exec "$venv/bin/python" kong/openresty/local_stack.py "$@"
