@@ -253,6 +253,7 @@ def main() -> None:
             sys.exit(f"no Kong for the kong modes: `bash .ci/build-kong.sh` builds Kong 3.9.3, or set {KONG_ENV} "
                      "to the `kong` of a Kong 3.9 install")
     trials: dict[tuple[int, str, int], list[dict]] = {}
+    load_before = os.getloadavg()[0]  # how shared the machine is: say so beside the figures
     print(f"{'groups':>6} {'mode':>7} {'N':>2} {'pushes/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'preload s':>9}"
           f" {'proxy µs':>8} {'server µs':>9} {'pgw µs':>7}   (CPU per push)")
     for groups in map(int, args.groups.split(",")):
@@ -265,7 +266,8 @@ def main() -> None:
                     print(f"{groups:>6} {mode:>7} {shards:>2} {r['rps']:>9.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
                           f"{r['errors']:>6} {r['preload_s']:>9.1f} {r['proxy_us']:>8.0f} {r['server_us']:>9.0f} {r['pgw_us']:>7.0f}",
                           flush=True)
-    print(f"\nmedians of {args.repeat} trials, pushgateways' consistency check {'on' if args.check else 'off'} (pushes/s, with the lowest and highest)")
+    print(f"\nload average (1 min) {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores")
+    print(f"medians of {args.repeat} trials, pushgateways' consistency check {'on' if args.check else 'off'} (pushes/s, with the lowest and highest)")
     by = {}
     for (groups, mode, shards), runs in trials.items():
         rates = sorted(r["rps"] for r in runs)
@@ -281,9 +283,13 @@ def main() -> None:
                 print(f"  G={groups:<6} N={shards}: plugin/native = {by[groups, 'plugin', shards] / by[groups, 'native', shards]:.2f}"
                       "   (goal >= 0.8 while pushgateways are not the bottleneck)")
             if (groups, "kong", shards) in by and (groups, "kong-hash", shards) in by:
+                # each round's two trials ran back to back, so their ratio shares the machine's mood
+                paired = sorted(k["rps"] / h["rps"] for k, h in zip(trials[groups, "kong", shards],
+                                                                    trials[groups, "kong-hash", shards]))
                 print(f"  G={groups:<6} N={shards}: Kong + pgwshard / Kong hash_on path = "
                       f"{by[groups, 'kong', shards] / by[groups, 'kong-hash', shards]:.2f}"
-                      f"   (membership: {args.kong_membership})")
+                      f"   (per round: median {statistics.median(paired):.2f}, {paired[0]:.2f}-{paired[-1]:.2f};"
+                      f" membership: {args.kong_membership})")
         for mode in ("native", "plugin"):
             if (groups, mode, 4) in by and (groups, "direct", 1) in by:
                 # What N=4 would reach if its pushgateways had every core to themselves: the most
