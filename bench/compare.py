@@ -288,7 +288,7 @@ def main() -> None:
             if (groups, "kong", shards) in by and (groups, "kong-hash", shards) in by:
                 # each round's two trials ran back to back, so their ratio shares the machine's mood
                 paired = sorted(k["rps"] / h["rps"] for k, h in zip(trials[groups, "kong", shards],
-                                                                    trials[groups, "kong-hash", shards]))
+                                                                    trials[groups, "kong-hash", shards], strict=True))
                 print(f"  G={groups:<6} N={shards}: Kong + pgwshard / Kong hash_on path = "
                       f"{by[groups, 'kong', shards] / by[groups, 'kong-hash', shards]:.2f}"
                       f"   (per round: median {statistics.median(paired):.2f}, {paired[0]:.2f}-{paired[-1]:.2f};"

@@ -20,6 +20,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "monitoring" / "pgwshard.rules.yml"
 
@@ -53,7 +55,8 @@ class Gateway:
 
 class Stack:
     """What every gateway is started with: the pushgateways, pgwshard-sync's file_sd file (which
-    `pgwshard locate` and `status` read), the parts to stop, and the ports (None: free ones)."""
+    `pgwshard locate` and `status` read), the parts to stop, and whether ports are the defaults
+    or free ones."""
 
     def __init__(self, pgws: list[Pushgateway], work: Path, free_ports: bool, parts: list):
         self.pgws, self.work, self.free_ports, self.parts = pgws, work, free_ports, parts
@@ -101,8 +104,6 @@ def start_kong(stack: Stack) -> Gateway:
     """A DB-less Kong node as README "Kong topologies" sets one up: the kong.conf lines of
     kong/kong.conf, the shipped kong.yml (the plugin reading the targets from the node's Status
     API), pgwshard-sync in declarative mode keeping the targets through the node's /config."""
-    import yaml
-
     kong_yml = stack.work / "kong.yml"
     kong = Kong({"database": "off", "declarative_config": str(kong_yml)}, REPO / "kong" / "kong.conf")
     kong.use_ports(proxy=stack.port(18000), admin=stack.port(18001), status=stack.port(18007))
