@@ -213,7 +213,10 @@ def front_parts(mode: str, front) -> dict[str, list[int]]:
         return {"proxy": child_pids(front.proc.pid), "server": []}
     if mode in ("kong", "kong-hash"):
         master = front.kong.master_pid()
-        return {"proxy": child_pids(master) if master else [], "server": front.kong.plugin_server_pids()}
+        # kong-hash: Kong still spawns the plugin server (same kong.conf), which serves no request
+        # there; what it spends is its own start, which short trials would count per push
+        server = front.kong.plugin_server_pids() if mode == "kong" else []
+        return {"proxy": child_pids(master) if master else [], "server": server}
     return {"proxy": child_pids(front.host.proc.pid), "server": [front.server.proc.pid]}
 
 
