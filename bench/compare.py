@@ -4,10 +4,13 @@
   direct   one pushgateway, no proxy
   native   nginx's own `hash $request_uri consistent` over N pushgateways
   plugin   the pgwshard plugin through the OpenResty host over N pushgateways
+  kong     real Kong (DB-less, the shipped kong.conf lines and kong.yml) with the pgwshard plugin
+  kong-hash  the same Kong build and config without the plugin: Kong's own `hash_on: path`
 
 for G groups and N shards. Prints pushes/s, p50 and p99, the CPU each push cost the proxy (nginx
 workers), the plugin server and the pushgateways, and the ratios the goals
-name: plugin / native >= 0.8 (while pushgateways are not the bottleneck), and N=4 / direct >= 8
+name: plugin / native >= 0.8 (while pushgateways are not the bottleneck), kong / kong-hash (what the
+plugin costs inside Kong), and N=4 / direct >= 8
 at 4000 groups (each push makes a pushgateway re-check every group it holds, so sharding should
 pay more than linearly). On a machine where all of it shares a few cores, the CPU columns say
 which part the throughput was spent on.
@@ -17,7 +20,12 @@ on their persistence files with the check on, as in production (with --no-consis
 keep it off, so that the front's own cost decides the throughput).
 
 usage: python bench/compare.py [--groups 100,2000,4000,10000] [--shards 1,2,4] [--seconds 10] [--repeat 3]
-                               [--modes direct,native,plugin] [--connections 16] [--no-consistency-check]
+                               [--modes direct,native,plugin,kong,kong-hash] [--connections 16]
+                               [--no-consistency-check] [--kong-membership upstream|static]
+
+The Kong modes need a Kong 3.9 (PGWSHARD_KONG, `kong` on PATH, or .ci/build-kong.sh's build) and,
+started as root, a virtualenv of Debian's python3 (Kong's workers and the plugin server they spawn
+run as nobody). In them `proxy` is Kong's nginx processes (master's children: its workers).
 """
 from __future__ import annotations
 
@@ -95,6 +103,44 @@ class NativeHashNginx(ManagedProcess):
         return self
 
 
+class KongFront:
+    """One DB-less Kong node over the pushgateways, set up as README "Kong topologies" says: the
+    shipped kong.conf lines and kong.yml (targets = the pushgateways). With plugin, pgwshard reads
+    them from the node's Status API (membership: upstream) or is given them (static); without,
+    the same file minus the plugin, so Kong's own `hash_on: path` places every push."""
+
+    def __init__(self, backends: list[str], plugin: bool, membership: str = "upstream"):
+        import yaml
+
+        from kong_plugin_pgwshard.harness.kong import Kong, shipped_declarative
+        work = temp_dir("pgwshard-bench-kong-")
+        kong_yml = f"{work}/kong.yml"
+        self.kong = Kong({"database": "off", "declarative_config": kong_yml}, REPO / "kong" / "kong.conf",
+                         name="bench-kong", admin=False)
+        doc = shipped_declarative(REPO / "kong" / "kong.yml", backends, self.kong.status_url)
+        for service in doc["services"]:
+            if not plugin:
+                service.pop("plugins", None)
+            elif membership == "static":
+                for conf in service.get("plugins", []):
+                    conf["config"] = {"membership": "static", "nodes": backends}
+        Path(kong_yml).write_text(yaml.safe_dump(doc))
+        self.plugin = plugin
+
+    @property
+    def url(self) -> str:
+        return self.kong.proxy_url
+
+    def start(self):
+        self.kong.start()
+        if self.plugin:  # Kong answers 500 to a push until the server it spawned has its socket
+            wait_until(lambda: os.path.exists(self.kong.socket_path), 30, what="Kong's plugin server socket")
+        return self
+
+    def stop(self) -> None:
+        self.kong.stop()
+
+
 def preload(url: str, groups: int) -> float:
     """PUT every group once through the front under test; returns seconds taken."""
     host, port = url.removeprefix("http://").split(":")
@@ -129,11 +175,12 @@ def wrk(url: str, groups: int, seconds: int, connections: int) -> dict:
             "errors": errors + non2xx}
 
 
-def run_case(mode: str, groups: int, shards: int, seconds: int, connections: int, check: bool = True) -> dict:
+def run_case(mode: str, groups: int, shards: int, seconds: int, connections: int, check: bool = True,
+             kong_membership: str = "upstream") -> dict:
     pgws = [Pushgateway(extra_args=NO_CHECK).start() for _ in range(shards)]
     front = None
     try:
-        front = start_front(mode, pgws)
+        front = start_front(mode, pgws, kong_membership)
         load_s = preload(front.url, groups)
         # Restart each instance on its persisted groups with the consistency check on, as in production.
         for i, pgw in enumerate(pgws if check else ()):
@@ -146,6 +193,9 @@ def run_case(mode: str, groups: int, shards: int, seconds: int, connections: int
         for part, pids in parts.items():  # µs of CPU per push
             result[f"{part}_us"] = (sum(map(cpu_seconds, pids)) - before[part]) / max(1, result["requests"]) * 1e6
         result.update(preload_s=load_s, held=held)
+        if isinstance(front, KongFront):  # a push Kong sent on without the plugin still gets a 2xx: its log says
+            for line in front.kong.error_lines()[:3]:
+                print(f"  kong error.log: {line}", flush=True)
         return result
     finally:
         if front:
@@ -155,15 +205,22 @@ def run_case(mode: str, groups: int, shards: int, seconds: int, connections: int
 
 
 def front_parts(mode: str, front) -> dict[str, list[int]]:
-    """The front's processes: nginx workers (proxy) and, in plugin mode, the plugin server."""
+    """The front's processes: nginx workers (proxy; Kong's: every child of its master) and, with
+    the plugin, the plugin server (Kong's runs under worker 0, not among the master's children)."""
     if mode == "direct":
         return {"proxy": [], "server": []}
     if mode == "native":
         return {"proxy": child_pids(front.proc.pid), "server": []}
+    if mode in ("kong", "kong-hash"):
+        master = front.kong.master_pid()
+        # kong-hash: Kong still spawns the plugin server (same kong.conf), which serves no request
+        # there; what it spends is its own start, which short trials would count per push
+        server = front.kong.plugin_server_pids() if mode == "kong" else []
+        return {"proxy": child_pids(master) if master else [], "server": server}
     return {"proxy": child_pids(front.host.proc.pid), "server": [front.server.proc.pid]}
 
 
-def start_front(mode: str, pgws: list[Pushgateway]):
+def start_front(mode: str, pgws: list[Pushgateway], kong_membership: str = "upstream"):
     if mode == "direct":
         return pgws[0]
     if mode == "native":
@@ -171,6 +228,8 @@ def start_front(mode: str, pgws: list[Pushgateway]):
     if mode == "plugin":
         from kong_plugin_pgwshard.harness.nginx import PluginHostStack
         return PluginHostStack([p.address for p in pgws]).start()
+    if mode in ("kong", "kong-hash"):
+        return KongFront([p.address for p in pgws], plugin=mode == "kong", membership=kong_membership).start()
     raise ValueError(mode)
 
 
@@ -186,12 +245,21 @@ def main() -> None:
     parser.add_argument("--no-consistency-check", dest="check", action="store_false",
                         help="measure with the pushgateways' check off (it is on in production): pushes then cost "
                              "them little, and the front's own cost decides the throughput")
+    parser.add_argument("--kong-membership", choices=("upstream", "static"), default="upstream",
+                        help="kong mode: the plugin reads the upstream's targets from the node's Status API "
+                             "(the shipped kong.yml, DB-less) or is given the pushgateways in its config")
     args = parser.parse_args()
     for tool in ("wrk", "nginx", "prometheus-pushgateway"):
         if not shutil.which(tool):
             sys.exit(f"{tool} not found: apt-get install wrk nginx-light libnginx-mod-http-lua prometheus-pushgateway")
     modes = args.modes.split(",")
+    if {"kong", "kong-hash"} & set(modes):
+        from kong_plugin_pgwshard.harness.kong import KONG_ENV, kong_binary
+        if kong_binary() is None:
+            sys.exit(f"no Kong for the kong modes: `bash .ci/build-kong.sh` builds Kong 3.9.3, or set {KONG_ENV} "
+                     "to the `kong` of a Kong 3.9 install")
     trials: dict[tuple[int, str, int], list[dict]] = {}
+    load_before = os.getloadavg()[0]  # how shared the machine is: say so beside the figures
     print(f"{'groups':>6} {'mode':>7} {'N':>2} {'pushes/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'preload s':>9}"
           f" {'proxy µs':>8} {'server µs':>9} {'pgw µs':>7}   (CPU per push)")
     for groups in map(int, args.groups.split(",")):
@@ -199,12 +267,13 @@ def main() -> None:
         for _ in range(args.repeat):
             for mode in modes:
                 for shards in ([1] if mode == "direct" else map(int, args.shards.split(","))):
-                    r = run_case(mode, groups, shards, args.seconds, args.connections, args.check)
+                    r = run_case(mode, groups, shards, args.seconds, args.connections, args.check, args.kong_membership)
                     trials.setdefault((groups, mode, shards), []).append(r)
                     print(f"{groups:>6} {mode:>7} {shards:>2} {r['rps']:>9.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
                           f"{r['errors']:>6} {r['preload_s']:>9.1f} {r['proxy_us']:>8.0f} {r['server_us']:>9.0f} {r['pgw_us']:>7.0f}",
                           flush=True)
-    print(f"\nmedians of {args.repeat} trials, pushgateways' consistency check {'on' if args.check else 'off'} (pushes/s, with the lowest and highest)")
+    print(f"\nload average (1 min) {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores")
+    print(f"medians of {args.repeat} trials, pushgateways' consistency check {'on' if args.check else 'off'} (pushes/s, with the lowest and highest)")
     by = {}
     for (groups, mode, shards), runs in trials.items():
         rates = sorted(r["rps"] for r in runs)
@@ -219,6 +288,14 @@ def main() -> None:
             if (groups, "plugin", shards) in by and (groups, "native", shards) in by:
                 print(f"  G={groups:<6} N={shards}: plugin/native = {by[groups, 'plugin', shards] / by[groups, 'native', shards]:.2f}"
                       "   (goal >= 0.8 while pushgateways are not the bottleneck)")
+            if (groups, "kong", shards) in by and (groups, "kong-hash", shards) in by:
+                # each round's two trials ran back to back, so their ratio shares the machine's mood
+                paired = sorted(k["rps"] / h["rps"] for k, h in zip(trials[groups, "kong", shards],
+                                                                    trials[groups, "kong-hash", shards], strict=True))
+                print(f"  G={groups:<6} N={shards}: Kong + pgwshard / Kong hash_on path = "
+                      f"{by[groups, 'kong', shards] / by[groups, 'kong-hash', shards]:.2f}"
+                      f"   (per round: median {statistics.median(paired):.2f}, {paired[0]:.2f}-{paired[-1]:.2f};"
+                      f" membership: {args.kong_membership})")
         for mode in ("native", "plugin"):
             if (groups, mode, 4) in by and (groups, "direct", 1) in by:
                 # What N=4 would reach if its pushgateways had every core to themselves: the most

@@ -127,6 +127,15 @@ class Kong:
     def write_conf(self) -> None:
         self.conf_path.write_text("".join(f"{k} = {v}\n" for k, v in self.settings.items()))
 
+    def use_ports(self, proxy: int | None = None, admin: int | None = None, status: int | None = None) -> None:
+        """Listen on these ports instead of the free ones chosen (a stack with well-known
+        ports); before start(). A port left None keeps its choice."""
+        for name, port in (("proxy", proxy), ("admin", admin), ("status", status)):
+            if port is not None and getattr(self, f"{name}_port") is not None:
+                setattr(self, f"{name}_port", port)
+                self.settings[f"{name}_listen"] = f"127.0.0.1:{port}"
+        self.write_conf()
+
     # -- where it answers ---------------------------------------------------------------------
     @property
     def proxy_url(self) -> str:
