@@ -40,7 +40,8 @@ def test_the_shipped_kong_conf_passes_kong_check(kong_bin, tmp_path):
 def test_kong_starts_on_the_shipped_kong_yml_and_loads_the_plugin(gateway):
     log = gateway.kong.error_log()
     assert "loading protocol MsgPack:1 for plugin pgwshard" in log or "pgwshard" in log
-    assert gateway.kong.plugin_server_pids(), "Kong did not start the plugin server"
+    # worker 0 spawns it from a timer, which may run after /status/ready answered
+    wait_until(gateway.kong.plugin_server_pids, 20, what="Kong to start the plugin server")
     assert gateway.kong.error_lines() == []
     # the plugin Kong knows is the one pgwshard-plugin --dump describes
     status, body = http_request(f"{gateway.kong.admin_url}/schemas/plugins/pgwshard")
