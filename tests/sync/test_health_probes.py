@@ -1,13 +1,16 @@
-"""Own probes against real pushgateways: rise/fall counts flip state, a hung instance is down."""
+"""Own probes against real pushgateways: rise/fall counts flip state, a refused connection takes
+a member out at once, a hung instance is down."""
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import threading
 import time
 
 from kong_plugin_pgwshard.core.ring import Member
-from kong_plugin_pgwshard.harness.processes import Pushgateway, free_port
-from kong_plugin_pgwshard.sync.health.probes import ProbeHealth
+from kong_plugin_pgwshard.harness.processes import free_port
+from kong_plugin_pgwshard.sync.health.probes import REPROBE_DIVISOR, Probe, ProbeHealth
 from kong_plugin_pgwshard.sync.settings import ProbeSettings
 
 
@@ -19,21 +22,62 @@ def test_first_probe_decides_then_fall_and_rise_counts_apply(pushgateways, stop)
     pgws = pushgateways(2)
     dead = Member("127.0.0.1", free_port())
     a, b = members(pgws)
-    source = ProbeHealth([a, b, dead], ProbeSettings(interval=0.05, timeout=0.5, rise=2, fall=2))
-    rounds = source.watch(stop)
-    assert next(rounds).members == {a, b}  # no waiting for `rise` at start; the dead one is out
+    # the first snapshot: no waiting for `rise` at start; the dead one is out
+    assert next(ProbeHealth([a, b, dead], ProbeSettings(interval=0.05, timeout=0.5)).watch(stop)).members == {a, b}
 
-    pgws[1].kill()
-    assert next(rounds).members == {a, b}  # one failed probe is not enough (fall: 2)
-    assert next(rounds).members == {a}
+    source = ProbeHealth([a, b], ProbeSettings(timeout=0.3, rise=2, fall=2))
 
-    again = Pushgateway(port=pgws[1].port, data_dir=pgws[1].data_dir)
+    def one_round() -> frozenset[Member]:
+        return source.observe({m: source.probe(m) for m in (a, b)})
+
+    assert one_round() == {a, b}
+    os.killpg(pgws[1].proc.pid, signal.SIGSTOP)  # hung: its probe times out, as one lost probe may
     try:
-        again.start()
-        assert next(rounds).members == {a}  # one success is not enough (rise: 2)
-        assert next(rounds).members == {a, b}
+        assert one_round() == {a, b}  # one failed probe is not enough (fall: 2)
+        assert one_round() == {a}
     finally:
-        again.stop()
+        os.killpg(pgws[1].proc.pid, signal.SIGCONT)
+    assert one_round() == {a}  # one success is not enough (rise: 2)
+    assert one_round() == {a, b}
+
+
+def test_a_refused_probe_takes_the_member_out_at_the_first_failure(pushgateways):
+    """A refused connection is no lost probe: nothing listens there, the process is gone (and
+    every push sent to it fails), so `fall` does not apply."""
+    pgws = pushgateways(2)
+    a, b = members(pgws)
+    source = ProbeHealth([a, b], ProbeSettings(rise=2, fall=3))
+    assert source.observe({a: source.probe(a), b: source.probe(b)}) == {a, b}
+    pgws[1].kill()
+    assert source.probe(b) is Probe.GONE
+    assert source.observe({a: source.probe(a), b: source.probe(b)}) == {a}
+
+
+def test_a_killed_pushgateway_leaves_the_watch_at_its_first_probe(pushgateways, stop):
+    """fall 1000 at 0.1 s would keep it in for 100 s; its first refused probe takes it out."""
+    pgws = pushgateways(2)
+    a, b = members(pgws)
+    rounds = ProbeHealth([a, b], ProbeSettings(interval=0.1, timeout=0.5, rise=1, fall=1000)).watch(stop)
+    assert next(rounds).members == {a, b}
+    pgws[1].kill()
+    deadline = time.monotonic() + 15  # a snapshot comes at least every interval: the loop is bounded
+    for snapshot in rounds:
+        if snapshot.members == {a}:
+            break
+        assert time.monotonic() < deadline, f"still {sorted(m.name for m in snapshot.members)}"
+
+
+def test_a_member_whose_probe_failed_is_probed_again_within_the_interval(pushgateways):
+    """The second failure that `fall: 2` waits for comes a quarter interval after the first,
+    not a whole interval: a lost probe is confirmed or cleared quickly."""
+    a, = members(pushgateways(1))
+    source = ProbeHealth([a], ProbeSettings(interval=1.0, fall=2))
+    source.observe({a: Probe.UP})
+    assert source._next_probe(a, 100.0) == 101.0
+    source.observe({a: Probe.DOWN})
+    assert source._next_probe(a, 100.0) == 100.0 + 1.0 / REPROBE_DIVISOR
+    source.observe({a: Probe.UP})
+    assert source._next_probe(a, 100.0) == 101.0
 
 
 def test_a_success_resets_a_failure_streak(pushgateways):
