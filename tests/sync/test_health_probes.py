@@ -117,3 +117,14 @@ def test_watch_ends_when_stop_is_set(pushgateways):
             stop.set()
         assert seen <= 3
     assert seen == 3
+
+
+def test_waiting_for_the_next_probe_costs_no_cpu(pushgateways, stop):
+    """Between probes the watch sleeps: it once spun on an empty wait (half a core, idle)."""
+    a, = members(pushgateways(1))
+    rounds = ProbeHealth([a], ProbeSettings(interval=0.5)).watch(stop)
+    next(rounds)
+    cpu = time.thread_time()  # the generator runs in this thread
+    for _ in range(3):  # three intervals, 1.5 s
+        assert next(rounds).members == {a}
+    assert time.thread_time() - cpu < 0.3

@@ -102,9 +102,11 @@ class ProbeHealth:
                         probing[pool.submit(self.probe, member)] = (member, now)
                 idle = [at for member, at in due.items() if member not in busy and at > now]
                 # bounded, so that `stop` is seen while a probe hangs
-                wait = min([*idle, now + min(0.5, self.settings.interval)]) - now
-                done, _ = concurrent.futures.wait(probing, timeout=max(0.0, wait),
-                                                  return_when=concurrent.futures.FIRST_COMPLETED)
+                wait = max(0.0, min([*idle, now + min(0.5, self.settings.interval)]) - now)
+                if not probing:  # (futures.wait of nothing returns at once: it would spin)
+                    stop.wait(wait)
+                    continue
+                done, _ = concurrent.futures.wait(probing, timeout=wait, return_when=concurrent.futures.FIRST_COMPLETED)
                 if not done:
                     continue
                 results: dict[Member, Probe] = {}
