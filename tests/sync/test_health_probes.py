@@ -9,7 +9,8 @@ import threading
 import time
 
 from kong_plugin_pgwshard.core.ring import Member
-from kong_plugin_pgwshard.harness.processes import free_port
+from kong_plugin_pgwshard.harness.processes import Pushgateway, free_port, wait_until
+from kong_plugin_pgwshard.sync.health.deathwatch import DeathWatch
 from kong_plugin_pgwshard.sync.health.probes import REPROBE_DIVISOR, Probe, ProbeHealth
 from kong_plugin_pgwshard.sync.settings import ProbeSettings
 
@@ -128,3 +129,60 @@ def test_waiting_for_the_next_probe_costs_no_cpu(pushgateways, stop):
     for _ in range(3):  # three intervals, 1.5 s
         assert next(rounds).members == {a}
     assert time.thread_time() - cpu < 0.3
+
+
+def test_a_killed_pushgateway_leaves_before_its_next_probe(pushgateways, stop):
+    """A healthy member's idle connection closes with its process, and the new one is refused:
+    out at once, not at the next probe (60 s here)."""
+    pgws = pushgateways(2)
+    a, b = members(pgws)
+    source = ProbeHealth([a, b], ProbeSettings(interval=60, timeout=0.5, rise=1, fall=1000))
+    rounds = source.watch(stop)
+    assert next(rounds).members == {a, b}
+    wait_until(lambda: source.deaths is not None and source.deaths.watching() == {a, b}, 10, what="both watched")
+    pgws[1].kill()
+    killed = time.monotonic()
+    assert next(rounds).members == {a}  # the next snapshot: on a change, or after 60 s
+    assert time.monotonic() - killed < 30  # long before the next probe
+
+
+def test_the_death_watch_tells_a_death_from_a_closed_idle_connection(pushgateways):
+    """A connection the server closes (an idle timeout) is reconnected silently; one whose
+    reconnection is refused is a death; a member that accepts again is back."""
+    pgw, = pushgateways(1)
+    member, = members([pgw])
+    closer = socket.socket()  # accepts, then closes every connection at once
+    closer.bind(("127.0.0.1", 0))
+    closer.listen(16)
+    closing = Member("127.0.0.1", closer.getsockname()[1])
+    stopped = threading.Event()
+
+    def close_all() -> None:
+        closer.settimeout(0.2)
+        while not stopped.is_set():
+            try:
+                closer.accept()[0].close()
+            except OSError:
+                pass
+
+    closing_thread = threading.Thread(target=close_all, daemon=True)
+    closing_thread.start()
+    gone: list[Member] = []
+    back: list[Member] = []
+    watch = DeathWatch(gone.append, back.append)
+    try:
+        watch.follow([member, closing])
+        wait_until(lambda: member in watch.watching(), 10, what="watching the pushgateway")
+        pgw.kill()
+        wait_until(lambda: gone == [member], 10, what="its death reported")
+        again = Pushgateway(port=pgw.port, data_dir=pgw.data_dir).start()
+        try:
+            wait_until(lambda: back == [member], 10, what="its return reported")
+        finally:
+            again.stop()
+        assert closing not in gone  # closed and reconnected many times, never refused
+    finally:
+        watch.close()
+        stopped.set()
+        closing_thread.join(5)
+        closer.close()

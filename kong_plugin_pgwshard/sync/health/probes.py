@@ -1,13 +1,15 @@
 """Health from pgwshard's own probes: GET /-/healthy on every configured pushgateway.
 
 The default source when no Consul is configured. Rise/fall counts damp single lost probes; a
-refused connection is no lost probe but a process that is gone, and takes the member out at once.
+refused connection is no lost probe but a process that is gone, and takes the member out at once,
+as does the end of a healthy member's process seen by the DeathWatch between probes.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import enum
 import logging
+import queue
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -17,6 +19,7 @@ from ...core.ring import Member
 from ...errors import UpstreamError
 from ..settings import ProbeSettings
 from . import HealthSnapshot
+from .deathwatch import DeathWatch
 
 log = logging.getLogger("pgwshard.health")
 
@@ -50,6 +53,7 @@ class ProbeHealth:
         timeouts = Timeouts(min(settings.timeout, 1.0), settings.timeout)
         self._clients = {m: HttpClient(f"http://{m.name}", timeout=timeouts, retries=0, pool_size=1)
                          for m in self.pushgateways}
+        self.deaths: DeathWatch | None = None  # while watching
 
     def probe(self, member: Member) -> Probe:
         """One probe: UP only for a 200 within the timeout (Pushgateway answers 500 when its
@@ -87,40 +91,54 @@ class ProbeHealth:
 
     def watch(self, stop: threading.Event) -> Iterator[HealthSnapshot]:
         """Probe each instance on its own schedule; a snapshot whenever the healthy set changes,
-        and at least every `interval` (the daemon's sign of life from the source)."""
+        and at least every `interval` (the daemon's sign of life from the source). Healthy
+        instances are also followed by a DeathWatch: one whose process ends is out at once."""
         everyone = len(self.pushgateways)
         due = {m: 0.0 for m in self.pushgateways}
-        with concurrent.futures.ThreadPoolExecutor(max(1, min(16, everyone))) as pool:
-            probing: dict[concurrent.futures.Future[Probe], tuple[Member, float]] = {}
-            shown: frozenset[Member] | None = None
-            shown_at = 0.0
-            while not stop.is_set():
-                now = time.monotonic()
-                busy = {member for member, _ in probing.values()}
-                for member, at in due.items():
-                    if at <= now and member not in busy:
-                        probing[pool.submit(self.probe, member)] = (member, now)
-                idle = [at for member, at in due.items() if member not in busy and at > now]
-                # bounded, so that `stop` is seen while a probe hangs
-                wait = max(0.0, min([*idle, now + min(0.5, self.settings.interval)]) - now)
-                if not probing:  # (futures.wait of nothing returns at once: it would spin)
-                    stop.wait(wait)
-                    continue
-                done, _ = concurrent.futures.wait(probing, timeout=wait, return_when=concurrent.futures.FIRST_COMPLETED)
-                if not done:
-                    continue
-                results: dict[Member, Probe] = {}
-                began: dict[Member, float] = {}
-                finished = time.monotonic()
-                for future in done:
-                    member, began[member] = probing.pop(future)
-                    results[member] = future.result()
-                healthy = self.observe(results)
-                for member, started in began.items():
-                    due[member] = self._next_probe(member, started)
-                slowest = finished - min(began.values())
-                if len(self._healthy) < everyone:
-                    continue  # the first set waits for every instance's first probe
-                if healthy != shown or finished - shown_at >= self.settings.interval:
-                    shown, shown_at = healthy, finished
-                    yield HealthSnapshot(healthy, query_seconds=slowest)
+        wake = threading.Event()  # a probe finished, or the death watch saw a death
+        gone: queue.SimpleQueue[Member] = queue.SimpleQueue()
+
+        def died(member: Member) -> None:
+            gone.put(member)
+            wake.set()
+
+        deaths = self.deaths = DeathWatch(died)
+        probing: dict[concurrent.futures.Future[Probe], tuple[Member, float]] = {}
+        shown: frozenset[Member] | None = None
+        shown_at = 0.0
+        try:
+            with concurrent.futures.ThreadPoolExecutor(max(1, min(16, everyone))) as pool:
+                while not stop.is_set():
+                    now = time.monotonic()
+                    busy = {member for member, _ in probing.values()}
+                    for member, at in due.items():
+                        if at <= now and member not in busy:
+                            future = pool.submit(self.probe, member)
+                            probing[future] = (member, now)
+                            future.add_done_callback(lambda _: wake.set())
+                    idle = [at for member, at in due.items() if member not in busy and at > now]
+                    # bounded, so that `stop` is seen while a probe hangs
+                    wake.wait(max(0.0, min([*idle, now + min(0.5, self.settings.interval)]) - now))
+                    wake.clear()
+                    results: dict[Member, Probe] = {}
+                    began: dict[Member, float] = {}
+                    for future in [f for f in probing if f.done()]:
+                        member, began[member] = probing.pop(future)
+                        results[member] = future.result()
+                    while not gone.empty():
+                        results[gone.get()] = Probe.GONE  # its process ended: as a refused probe
+                    if not results:
+                        continue
+                    healthy = self.observe(results)
+                    for member, started in began.items():
+                        due[member] = self._next_probe(member, started)
+                    if len(self._healthy) < everyone:
+                        continue  # the first set waits for every instance's first probe
+                    deaths.follow(healthy)
+                    finished = time.monotonic()
+                    if healthy != shown or finished - shown_at >= self.settings.interval:
+                        shown, shown_at = healthy, finished
+                        slowest = finished - min(began.values()) if began else 0.0
+                        yield HealthSnapshot(healthy, query_seconds=slowest)
+        finally:
+            deaths.close()
