@@ -145,7 +145,27 @@ def test_a_restarted_agent_is_followed_as_soon_as_it_answers_whatever_the_backof
         try:
             again.start()
             wait_until(lambda: source_up(daemon) == 1, 15, what="the restarted agent followed")
-            wait_until(lambda: len(daemon.damper._healthy) == 2, 20, what="registered again and passing")
-            assert file_members(sd) == {p.address for p in pgws}
+            wait_until(lambda: file_members(sd) == {p.address for p in pgws}, 20,
+                       what="registered again, passing and in the ring")
         finally:
             again.stop()
+
+
+def test_a_killed_pushgateway_leaves_before_consul_checks_it(consul, pushgateways, stop):
+    """Its TTL check keeps it passing in Consul for a minute; the death watch sees its process
+    end (its idle connection closed, a new one refused) and the next snapshot leaves it out."""
+    pgws = pushgateways(2)
+    for n, pgw in enumerate(pgws):
+        register(consul, f"pgw-{n}", pgw.port)
+    a, b = (Member("127.0.0.1", p.port) for p in pgws)
+    source = ConsulHealth(ConsulSettings(address=consul.url, wait=10.0))
+    snapshots = source.watch(stop)
+    assert next(snapshots).members == {a, b}
+    wait_until(lambda: source.deaths is not None and source.deaths.watching() == {a, b}, 10, what="both watched")
+    pgws[1].kill()
+    killed = time.monotonic()
+    for snapshot in snapshots:  # an unchanged answer comes at the latest after the 10 s wait
+        if snapshot.members == {a}:
+            break
+        assert time.monotonic() - killed < 8, "still listed after Consul's blocking wait"
+    assert time.monotonic() - killed < 8

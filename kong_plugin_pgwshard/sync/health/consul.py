@@ -22,6 +22,7 @@ from ...errors import (
 )
 from ..settings import ConsulSettings
 from . import HealthSnapshot
+from .deathwatch import DeathWatch
 
 # How long past a blocking query's wait (plus Consul's jitter of up to wait/16) an answer may
 # take before the query counts as an outage: py-consul's own default would be 30 s more, and a
@@ -31,6 +32,7 @@ CONSUL_GRACE_SECONDS = 5.0
 # long, so a hung agent is seen within 1.5 s (the query alone would say nothing for `wait`).
 LIVENESS_INTERVAL_SECONDS = 0.5
 LIVENESS_TIMEOUT_SECONDS = 1.0
+DEATH_WATCH = -1  # the number of the death watch's events in the watch's queue
 
 
 def consul_error(err: BaseException, target: str, what: str) -> UpstreamError | None:
@@ -98,6 +100,11 @@ class ConsulHealth:
     first time it answers with a leader the query is asked again at once, whatever the backoff
     step (a restarted agent is followed within one interval, not after the 10 s step). The
     backoff still spaces queries that fail while the agent answers (a 403, a 500).
+
+    Consul runs its checks every second at the least, so a pushgateway's death waits for the
+    next check. A DeathWatch follows the passing instances: one whose process ended (its idle
+    connection closed, a new one refused) leaves the set at once, before Consul's check says
+    so, and counts again once it accepts a connection (Consul's verdict then applies).
     """
 
     def __init__(self, settings: ConsulSettings, client: consul.Consul | None = None, min_interval: float = 0.1,
@@ -109,6 +116,7 @@ class ConsulHealth:
         self._liveness_client = consul_client(settings)  # its own pool: the query's may be stuck
         self._liveness_client.http.connections_timeout = LIVENESS_TIMEOUT_SECONDS
         self.index = 0  # the X-Consul-Index the next query blocks on
+        self.deaths: DeathWatch | None = None  # while watching
         # no snapshot for this long means the watch itself is stuck: the daemon counts it as an
         # outage (a backstop; the liveness check reports a hung agent long before)
         self.stale_after = settings.wait * 17 / 16 + CONSUL_GRACE_SECONDS + 1.0
@@ -154,7 +162,18 @@ class ConsulHealth:
     def watch(self, stop: threading.Event) -> Iterator[HealthSnapshot]:
         """A snapshot per answered query, an error snapshot per failed or abandoned one (then
         back off, unless the agent was away and answers again)."""
-        answers: queue.Queue[tuple[int, float, tuple[int, frozenset[Member]] | BaseException]] = queue.Queue()
+        # (query number, seconds, outcome); number DEATH_WATCH: the death watch changed its verdict
+        answers: queue.Queue[tuple[int, float, tuple[int, frozenset[Member]] | BaseException | None]] = queue.Queue()
+        deaths = self.deaths = DeathWatch(lambda _: answers.put((DEATH_WATCH, 0.0, None)),
+                                          lambda _: answers.put((DEATH_WATCH, 0.0, None)))
+        try:
+            yield from self._watch(stop, answers, deaths)
+        finally:
+            deaths.close()
+
+    def _watch(self, stop: threading.Event, answers: queue.Queue, deaths: DeathWatch) -> Iterator[HealthSnapshot]:
+        passing: frozenset[Member] | None = None  # Consul's last answer, while it answers
+        shown: frozenset[Member] | None = None
         asked = 0  # the number of the query in flight; answers of older, abandoned ones are dropped
         in_flight = False
         failures = 0
@@ -188,9 +207,15 @@ class ConsulHealth:
                 if in_flight:  # the pending query waits on an agent that does not answer: a failed query
                     asked += 1
                     in_flight = False
+                    passing = None
                     retry_at = time.monotonic() + self._backoff(failures)
                     failures += 1
                     yield HealthSnapshot(None, error=str(error), query_seconds=time.monotonic() - started)
+                continue
+            if number == DEATH_WATCH:
+                if passing is not None and passing - deaths.gone() != shown:
+                    shown = passing - deaths.gone()
+                    yield HealthSnapshot(shown)
                 continue
             if number != asked:
                 continue  # an abandoned query answered late
@@ -204,16 +229,20 @@ class ConsulHealth:
                 away = away or isinstance(outcome, TransportError)  # refused, reset, timed out
                 self.index = 0  # the agent may have restarted: ask afresh, without blocking
                 reset = True
+                passing = None
                 yield HealthSnapshot(None, error=str(outcome), query_seconds=seconds)
                 continue
+            assert outcome is not None
             failures = 0
             away = False
-            new_index, members = outcome
+            new_index, passing = outcome
             if new_index < self.index:  # went backwards: a new agent or a reset history
                 reset = True
             self.index = new_index if new_index >= self.index else 0
             retry_at = time.monotonic() - seconds + self.min_interval  # never spin
-            yield HealthSnapshot(members, query_seconds=seconds, reset=reset)
+            deaths.follow(passing)
+            shown = passing - deaths.gone()
+            yield HealthSnapshot(shown, query_seconds=seconds, reset=reset)
             reset = False
 
     def _backoff(self, failures: int) -> float:

@@ -41,7 +41,7 @@ class DeathWatch:
         self._wanted: frozenset[Member] = frozenset()
         self._sockets: dict[Member, socket.socket] = {}
         self._retry_at: dict[Member, float] = {}
-        self.gone: set[Member] = set()  # declared gone, not connected since (read under no lock: a copy is taken)
+        self._gone: set[Member] = set()  # declared gone, not connected since
         self._wake_r, self._wake_w = socket.socketpair()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pgwshard-deathwatch", daemon=True)
@@ -52,6 +52,11 @@ class DeathWatch:
         with self._lock:
             self._wanted = frozenset(members)
         self._wake()
+
+    def gone(self) -> frozenset[Member]:
+        """Followed members declared gone and not connected since."""
+        with self._lock:
+            return frozenset(self._gone)
 
     def watching(self) -> frozenset[Member]:
         """The members it holds a connection to right now."""
@@ -99,7 +104,8 @@ class DeathWatch:
         for member in list(self._sockets):
             if member not in wanted:
                 self._hold(member, None)
-        self.gone &= wanted
+        with self._lock:
+            self._gone &= wanted
         now = time.monotonic()
         for member in wanted - self._sockets.keys():
             if self._retry_at.get(member, 0.0) > now:
@@ -108,8 +114,9 @@ class DeathWatch:
             if isinstance(sock, socket.socket):
                 self._hold(member, sock)
                 self._retry_at.pop(member, None)
-                if member in self.gone:
-                    self.gone.discard(member)
+                if member in self._gone:
+                    with self._lock:
+                        self._gone.discard(member)
                     self.on_back(member)
             else:
                 self._retry_at[member] = now + RECONNECT_SECONDS
@@ -122,8 +129,9 @@ class DeathWatch:
             self._hold(member, sock)  # an idle timeout of the server's, or a quick restart
             return
         self._retry_at[member] = time.monotonic() + RECONNECT_SECONDS
-        if sock is False and member not in self.gone:
-            self.gone.add(member)
+        if sock is False and member not in self._gone:
+            with self._lock:
+                self._gone.add(member)
             log.info("pushgateway %s closed its connection and refuses a new one: gone", member.name)
             self.on_gone(member)
 
