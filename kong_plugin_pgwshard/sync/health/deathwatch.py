@@ -22,8 +22,11 @@ from ...core.ring import Member
 
 log = logging.getLogger("pgwshard.health")
 
-# A member that could not be connected (down, or not there yet) is tried again this often.
+# A member that refused a connection (down, or not up yet) is tried again this often.
 RECONNECT_SECONDS = 1.0
+# One that could not be reached at all (a timeout, no route) this often: connecting blocks the
+# watch for up to `connect_timeout`, and such a member is the probes' or Consul's case anyway.
+UNREACHABLE_RETRY_SECONDS = 30.0
 
 
 class DeathWatch:
@@ -119,7 +122,7 @@ class DeathWatch:
                         self._gone.discard(member)
                     self.on_back(member)
             else:
-                self._retry_at[member] = now + RECONNECT_SECONDS
+                self._retry_at[member] = now + (RECONNECT_SECONDS if sock is False else UNREACHABLE_RETRY_SECONDS)
 
     def _closed(self, member: Member) -> None:
         """Its connection ended: gone if a new one is refused."""
