@@ -144,8 +144,8 @@ def read_upstream_targets(admin_url: str, upstream: str, token: str | None, time
 
 def configuration_hash(admin: KongAdmin) -> str | None:
     """The `configuration_hash` of the node's /status (Admin or Status API), which Kong serves
-    with `database = off` (DB-less nodes, hybrid data planes) and which moves with every config
-    it loads; None where there is none (DB mode)."""
+    on DB-less nodes and data planes (kong/api/routes/health.lua: `if dbless or data_plane_role`)
+    and which moves with every config it loads; None where there is none (DB mode)."""
     try:
         _, body = admin.request("GET", "/status")
     except ClientStatusError:  # no /status here: nothing to watch
