@@ -11,6 +11,7 @@ can be declared gone, so a pushgateway pgwshard-sync cannot reach is never judge
 """
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import selectors
 import socket
@@ -24,9 +25,10 @@ log = logging.getLogger("pgwshard.health")
 
 # A member that refused a connection (down, or not up yet) is tried again this often.
 RECONNECT_SECONDS = 1.0
-# One that could not be reached at all (a timeout, no route) this often: connecting blocks the
-# watch for up to `connect_timeout`, and such a member is the probes' or Consul's case anyway.
+# One that could not be reached at all (a timeout, no route) this often: each round of connects
+# holds the watch up to `connect_timeout`, and such a member is the probes' or Consul's case anyway.
 UNREACHABLE_RETRY_SECONDS = 30.0
+CONNECTORS = 16  # connections opened at once
 
 
 class DeathWatch:
@@ -47,6 +49,7 @@ class DeathWatch:
         self._gone: set[Member] = set()  # declared gone, not connected since
         self._wake_r, self._wake_w = socket.socketpair()
         self._stop = threading.Event()
+        self._connector = concurrent.futures.ThreadPoolExecutor(CONNECTORS, thread_name_prefix="pgwshard-deathwatch-connect")
         self._thread = threading.Thread(target=self._run, name="pgwshard-deathwatch", daemon=True)
         self._thread.start()
 
@@ -78,6 +81,7 @@ class DeathWatch:
         self._stop.set()
         self._wake()
         self._thread.join(5)
+        self._connector.shutdown(wait=False)
         for sock in self._sockets.values():
             sock.close()
         self._wake_r.close()
@@ -110,10 +114,9 @@ class DeathWatch:
         with self._lock:
             self._gone &= wanted
         now = time.monotonic()
-        for member in wanted - self._sockets.keys():
-            if self._retry_at.get(member, 0.0) > now:
-                continue
-            sock = self._connect(member)
+        due = [m for m in wanted - self._sockets.keys() if self._retry_at.get(m, 0.0) <= now]
+        # in parallel: a round waits for one connect timeout, not one per unreachable member
+        for member, sock in zip(due, self._connector.map(self._connect, due), strict=True):
             if isinstance(sock, socket.socket):
                 self._hold(member, sock)
                 self._retry_at.pop(member, None)
