@@ -194,3 +194,9 @@ def translate(exc: BaseException, *, target: str, what: str) -> UpstreamError | 
     if isinstance(exc, ValueError):  # a URL or header requests cannot send (UnicodeError too)
         return TransportError(f"{target}: {what}: cannot send: {detail}", target=target)
     return None
+
+
+def refused(err: BaseException) -> bool:
+    """The call failed because nothing listens at the address (ECONNREFUSED): the process is
+    gone, which no retry at once will change (a probe's sign of a dead pushgateway)."""
+    return any(isinstance(c, ConnectionRefusedError) for c in _causes(err))

@@ -47,7 +47,11 @@ FIELDS: tuple[dict[str, dict[str, Any]], ...] = (
                                     "unset: env KONG_ADMIN_TOKEN"}},
     {"membership_file": {"type": "string", "description": "membership file: Prometheus file_sd JSON written by pgwshard-sync"}},
     {"refresh_interval": {"type": "number", "default": 2, "gt": 0,
-                          "description": "seconds between background membership refreshes"}},
+                          "description": "seconds between background membership reads"}},
+    {"watch_interval": {"type": "number", "default": 0.1, "gt": 0,
+                        "description": "seconds between cheap checks for a membership change (the file's "
+                                       "mtime; the configuration hash on Kong's /status with database = off), "
+                                       "read at once when seen; none when not below refresh_interval"}},
     # len_min = 0: Kong's string fields refuse "" unless they say so (init.lua validate_field),
     # and this default is "" (validated against its own field by metaschema.lua's `default`).
     {"route_prefix": {"type": "string", "default": "", "len_min": 0,
@@ -184,6 +188,7 @@ class PluginConfig:
     admin_token: str | None = field(repr=False)  # a secret: never in a repr or a log
     membership_file: str | None
     refresh_interval: float
+    watch_interval: float
     route_prefix: str
 
     @classmethod
@@ -204,5 +209,6 @@ class PluginConfig:
             admin_token=values["admin_token"] or os.environ.get(ADMIN_TOKEN_ENV) or None,
             membership_file=values["membership_file"],
             refresh_interval=float(values["refresh_interval"]),
+            watch_interval=float(values["watch_interval"]),
             route_prefix=values["route_prefix"],
         )

@@ -5,17 +5,26 @@ takes no lock. Daemon-fed sources refresh in one background thread per source, s
 plugin instance that names the same source (Kong starts a new instance on each config change).
 A failed refresh keeps the last good ring; a successful read of an empty list empties it (the
 plugin then answers 503), because pgwshard-sync only writes an empty set when nothing is healthy.
+
+The full read comes every `refresh_interval`; between reads the same thread asks every
+`watch_interval` for a cheap sign of change (the file's inode, mtime and size; the
+`configuration_hash` on Kong's /status, which nodes with `database = off` serve) and reads at
+once when it moved: a member pgwshard-sync removed leaves the ring within `watch_interval`, not
+a whole `refresh_interval`. Kong in DB mode shows no such hash: there `refresh_interval` alone
+applies.
 """
 from __future__ import annotations
 
 import logging
+import os
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Hashable
 from typing import Protocol
 
 from ..core.file_sd import read_file_sd
 from ..core.ring import Member, Ring
-from ..errors import UpstreamError
+from ..errors import ClientStatusError, UpstreamError
 from .config import PluginConfig
 
 log = logging.getLogger("pgwshard.membership")
@@ -36,14 +45,24 @@ class StaticMembership:
 
 
 class PolledMembership:
-    """Members read by `fetch()` every `interval` seconds in a background thread."""
+    """Members read by `fetch()` every `interval` seconds in a background thread, and at once
+    when `version()` (asked every `watch_interval`) returns something else than before.
 
-    def __init__(self, name: str, fetch: Callable[[], list[Member]], interval: float):
+    `version()` is the cheap sign of change: it returns a hashable value, raises (UpstreamError,
+    OSError, ValueError) when it cannot tell this time (the periodic read says what is wrong),
+    or returns None when the source offers no such sign (the checks stop)."""
+
+    def __init__(self, name: str, fetch: Callable[[], list[Member]], interval: float,
+                 version: Callable[[], Hashable | None] | None = None, watch_interval: float | None = None):
         self.name = name
         self._fetch = fetch
         self._interval = interval
+        self._version = version if watch_interval is not None and watch_interval < interval else None
+        self._watch_interval = watch_interval if self._version is not None and watch_interval else interval
+        self._seen: Hashable | None = None
         self._ring = Ring()
         self._stop = threading.Event()
+        self._changed()  # the version before the first read: a change after it is seen
         self.refresh()  # the first read happens at instance start, not on a request
         self._thread = threading.Thread(target=self._run, name=f"pgwshard-membership {name}", daemon=True)
         self._thread.start()
@@ -70,10 +89,30 @@ class PolledMembership:
     def close(self) -> None:
         self._stop.set()
 
+    def _changed(self) -> bool:
+        """Did the source's version move since the last check?"""
+        if self._version is None:
+            return False
+        try:
+            version = self._version()
+        except (UpstreamError, OSError, ValueError) as err:
+            log.debug("membership %s: change check failed: %s", self.name, err)
+            return False
+        if version is None:
+            log.info("membership %s: no sign of change to watch; reading every %g s", self.name, self._interval)
+            self._version, self._watch_interval = None, self._interval
+            return False
+        changed = version != self._seen
+        self._seen = version
+        return changed
+
     def _run(self) -> None:
-        while not self._stop.wait(self._interval):
+        next_read = time.monotonic() + self._interval
+        while not self._stop.wait(max(0.0, min(self._watch_interval, next_read - time.monotonic()))):
             try:
-                self.refresh()
+                if time.monotonic() >= next_read or self._changed():
+                    self.refresh()
+                    next_read = time.monotonic() + self._interval
             except Exception:  # noqa: BLE001 - a dead poller would freeze the ring for good
                 log.exception("membership %s: refresh crashed, keeping %d members", self.name, len(self._ring))
 
@@ -104,19 +143,47 @@ def read_upstream_targets(admin_url: str, upstream: str, token: str | None, time
     return [Member.parse(target, weight) for target, weight in targets if weight > 0]
 
 
-class UpstreamMembership(PolledMembership):
-    """Follows a Kong upstream's targets through this node's Admin API or Status API."""
+def configuration_hash(admin: KongAdmin) -> str | None:
+    """The `configuration_hash` of the node's /status (Admin or Status API), which Kong serves
+    on DB-less nodes and data planes (kong/api/routes/health.lua: `if dbless or data_plane_role`)
+    and which moves with every config it loads; None where there is none (DB mode)."""
+    try:
+        _, body = admin.request("GET", "/status")
+    except ClientStatusError:  # no /status here: nothing to watch
+        return None
+    found = body.get("configuration_hash") if isinstance(body, dict) else None
+    return found if isinstance(found, str) and found else None
 
-    def __init__(self, admin_url: str, upstream: str, token: str | None, interval: float, timeout: float = 2.0):
+
+class UpstreamMembership(PolledMembership):
+    """Follows a Kong upstream's targets through this node's Admin API or Status API, re-read
+    when the node's configuration hash moves."""
+
+    def __init__(self, admin_url: str, upstream: str, token: str | None, interval: float, timeout: float = 2.0,
+                 watch_interval: float | None = None):
+        # one kept-alive connection for the frequent checks; the full reads make their own
+        self._status = KongAdmin(admin_url, token, min(timeout, 1.0))
         super().__init__(f"upstream {upstream} at {admin_url}",
-                         lambda: read_upstream_targets(admin_url, upstream, token, timeout), interval)
+                         lambda: read_upstream_targets(admin_url, upstream, token, timeout), interval,
+                         lambda: configuration_hash(self._status), watch_interval)
+
+    def close(self) -> None:
+        super().close()
+        self._status.close()
+
+
+def file_version(path: str) -> tuple[int, int, int]:
+    """Inode, mtime and size: pgwshard-sync replaces the file whole (a new inode) at each change."""
+    st = os.stat(path)
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 class FileMembership(PolledMembership):
-    """Follows the file_sd JSON file pgwshard-sync's FileSdSink writes."""
+    """Follows the file_sd JSON file pgwshard-sync's FileSdSink writes, re-read when it changes."""
 
-    def __init__(self, path: str, interval: float):
-        super().__init__(f"file {path}", lambda: read_file_sd(path), interval)
+    def __init__(self, path: str, interval: float, watch_interval: float | None = None):
+        super().__init__(f"file {path}", lambda: read_file_sd(path), interval, lambda: file_version(path),
+                         watch_interval)
 
 
 class _SharedSources:
@@ -157,13 +224,14 @@ def membership_for(config: PluginConfig) -> Membership:
     if config.membership == "file":
         path = config.membership_file
         assert path is not None  # required in this mode (config.py)
-        return _shared.acquire(("file", path, config.refresh_interval),
-                               lambda: FileMembership(path, config.refresh_interval))
+        return _shared.acquire(("file", path, config.refresh_interval, config.watch_interval),
+                               lambda: FileMembership(path, config.refresh_interval, config.watch_interval))
     upstream = config.upstream
     assert upstream is not None  # required in this mode (config.py)
     return _shared.acquire(
-        ("upstream", config.admin_url, upstream, config.admin_token, config.refresh_interval),
-        lambda: UpstreamMembership(config.admin_url, upstream, config.admin_token, config.refresh_interval))
+        ("upstream", config.admin_url, upstream, config.admin_token, config.refresh_interval, config.watch_interval),
+        lambda: UpstreamMembership(config.admin_url, upstream, config.admin_token, config.refresh_interval,
+                                   watch_interval=config.watch_interval))
 
 
 def release(membership: Membership) -> None:

@@ -234,3 +234,51 @@ def test_the_plugin_routes_by_the_weights_in_the_file_as_kong_would(plugin_serve
     assert routed == [run_access(rpc, by_kong, Request(p)).target for p in paths]
     assert ("127.0.0.1", 9403) not in routed and routed.count(("127.0.0.1", 9401)) > routed.count(("127.0.0.1", 9402))
     rpc.close()
+
+
+def test_a_change_of_the_file_reaches_the_plugin_before_its_periodic_read(plugin_server_factory, tmp_path):
+    """pgwshard-sync replaces the file when a member leaves: the plugin's change check (inode,
+    mtime, size, every watch_interval) reads it at once, not at the next refresh_interval (60 s)."""
+    sd = tmp_path / "members.json"
+    sink = FileSdSink(FileSdSettings(str(sd)))
+    sink.apply([Member.parse(A), Member.parse(B)])
+    server = plugin_server_factory()
+    rpc = KongRPC(server.socket_path)
+    iid = rpc.start_instance("pgwshard", {"membership": "file", "membership_file": str(sd), "refresh_interval": 60})
+    assert targets_of(rpc, iid) == {("127.0.0.1", 9401), ("127.0.0.1", 9402)}
+    sink.apply([Member.parse(B)])
+    wait_until(lambda: targets_of(rpc, iid) == {("127.0.0.1", 9402)}, 15, what="A leaves before the 60 s read")
+    rpc.close()
+
+
+def test_a_new_kong_configuration_reaches_the_plugin_before_its_periodic_read(plugin_server_factory, kong_admin):
+    """A DB-less node (or data plane) shows its configuration hash on /status: the plugin checks
+    that, and reads the targets only when it moved (once here), not every watch_interval."""
+    status = kong_admin(status_api=True)
+    status.load_config({"_format_version": "3.0", "upstreams": [
+        {"name": "pushgateways", "targets": [{"target": A}, {"target": B}]}]})
+    server = plugin_server_factory()
+    rpc = KongRPC(server.socket_path)
+    iid = rpc.start_instance("pgwshard", {"membership": "upstream", "upstream": "pushgateways",
+                                          "admin_url": status.url, "refresh_interval": 60})
+    assert targets_of(rpc, iid) == {("127.0.0.1", 9401), ("127.0.0.1", 9402)}
+    status.load_config({"_format_version": "3.0", "upstreams": [
+        {"name": "pushgateways", "targets": [{"target": B}]}]})
+    wait_until(lambda: targets_of(rpc, iid) == {("127.0.0.1", 9402)}, 15, what="A leaves before the 60 s read")
+    reads = [path for method, path, _ in status.requests if path.endswith("/targets")]
+    assert len(reads) == 2  # at the start and after the change
+    rpc.close()
+
+
+def test_without_a_configuration_hash_the_plugin_stops_checking_and_reads_periodically(kong_admin):
+    """Kong in DB mode shows no configuration hash: no check every watch_interval that can say
+    nothing; the targets are read every refresh_interval."""
+    kong = kong_admin()
+    kong.add_upstream("pushgateways", [A])
+    source = UpstreamMembership(kong.url, "pushgateways", None, interval=0.2, watch_interval=0.05)
+    try:
+        kong.add_target("pushgateways", B)
+        wait_until(lambda: len(source.ring()) == 2, 10, what="B joins at a periodic read")
+        assert sum(path == "/status" for method, path, _ in kong.requests) == 1
+    finally:
+        source.close()

@@ -82,8 +82,9 @@ def test_a_data_plane_follows_the_upstream_through_its_status_api(kong_spawned_s
     status.load_config({"_format_version": "3.0", "upstreams": [
         {"name": "pushgateways", "targets": [{"target": A}, {"target": B}]}]})  # the next config
     wait_until(lambda: owners(rpc, iid) == {("127.0.0.1", 9401), ("127.0.0.1", 9402)}, 10, what="B joins")
-    # the plugin asked for nothing the Status API does not serve
-    assert {(m, p.split("?")[0]) for m, p, _ in status.requests} == {("GET", "/upstreams/pushgateways/targets")}
+    # the plugin asked for nothing the Status API does not serve (/status: the configuration hash)
+    assert {(m, p.split("?")[0]) for m, p, _ in status.requests} == {("GET", "/upstreams/pushgateways/targets"),
+                                                                     ("GET", "/status")}
     assert "read failed" not in server.log()
 
 

@@ -186,6 +186,8 @@ class KongAdminDouble:
         returns Kong's flattened entity set. ValueError for a config Kong would refuse."""
         upstreams, targets, flat = self._flatten(doc)
         self.upstreams, self.targets, self.config = upstreams, targets, doc
+        # kong/api/routes/health.lua: /status shows the loaded config's hash with database = off
+        self.config_hash = hashlib.md5(json.dumps(flat, sort_keys=True).encode()).hexdigest()
         return flat
 
     @staticmethod

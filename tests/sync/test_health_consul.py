@@ -1,16 +1,20 @@
 """The Consul source against a real agent: passing instances only, blocking queries, index
-reset, backoff while Consul is unreachable."""
+reset, backoff while Consul is unreachable, a hung or restarted agent seen at once."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import signal
 import threading
 import time
 import urllib.request
 
 from kong_plugin_pgwshard.core.ring import Member
-from kong_plugin_pgwshard.harness.processes import free_port
+from kong_plugin_pgwshard.harness.processes import Consul, free_port, wait_until
+from kong_plugin_pgwshard.sync.daemon import Daemon
 from kong_plugin_pgwshard.sync.health.consul import ConsulHealth, consul_client
 from kong_plugin_pgwshard.sync.settings import ConsulSettings
+from tests.support.daemon import file_members, registering_settings, running
 
 
 def put(consul, path: str, body: dict | None = None) -> None:
@@ -92,3 +96,76 @@ def test_unreachable_consul_is_an_error_with_backoff_not_an_empty_set(stop):
 def test_the_files_token_wins_over_the_environment(monkeypatch):
     monkeypatch.setenv("CONSUL_HTTP_TOKEN", "from-env")
     assert consul_client(ConsulSettings(token="from-file")).token == "from-file"
+
+
+def source_up(daemon) -> float | None:
+    return daemon.registry.get_sample_value("pgwshard_health_source_up")
+
+
+def test_a_hung_agent_is_reported_long_before_its_blocking_query_would_end(consul, pushgateways, tmp_path):
+    """A SIGSTOPped agent keeps the blocking query's connection open and silent: the query alone
+    would say nothing for wait x 17/16 + 5 s (37 s here). The liveness check beside it reports the
+    outage (the timing, within 2 s, is bench/consul_fault_bench.py's), the ring stays, and once the
+    agent resumes a change flows again."""
+    pgws = pushgateways(2)
+    sd = tmp_path / "sd.json"
+    daemon = Daemon(registering_settings(consul, pgws, sd, wait="30s"))
+    everyone = {p.address for p in pgws}
+    with running(daemon):
+        wait_until(lambda: file_members(sd) == everyone, 20, what="registered and passing")
+        consul.proc.send_signal(signal.SIGSTOP)
+        try:
+            wait_until(lambda: source_up(daemon) == 0, 15, what="the hung agent reported")
+            assert file_members(sd) == everyone  # an agent that hangs is not "nobody is healthy"
+        finally:
+            consul.proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: source_up(daemon) == 1, 15, what="the resumed agent followed again")
+        pgws[1].kill()
+        wait_until(lambda: file_members(sd) == {pgws[0].address}, 15, what="a change after the outage applied")
+
+
+def test_a_restarted_agent_is_followed_as_soon_as_it_answers_whatever_the_backoff_step(consul, pushgateways, tmp_path):
+    """The backoff spaces queries that fail; it must not keep the daemon from seeing an agent that
+    is back. With a 60 s step the restarted agent is followed (and the pushgateways registered on
+    it again) within one liveness interval of its answering."""
+    pgws = pushgateways(2)
+    sd = tmp_path / "sd.json"
+    settings = registering_settings(consul, pgws, sd, wait="30s")
+    assert settings.consul is not None
+    settings = dataclasses.replace(settings, consul=dataclasses.replace(settings.consul, backoff=(0.2, 60.0)))
+    daemon = Daemon(settings)
+    with running(daemon):
+        wait_until(lambda: len(daemon.damper._healthy) == 2, 20, what="registered and passing")
+        consul.stop()
+        wait_until(lambda: source_up(daemon) == 0, 15, what="the outage reported")
+        # two failed queries: the next one is due in 60 s
+        wait_until(lambda: daemon.registry.get_sample_value("pgwshard_health_source_errors_total") >= 2, 15,
+                   what="the backoff's long step reached")
+        again = Consul(http_port=consul.http_port)
+        try:
+            again.start()
+            wait_until(lambda: source_up(daemon) == 1, 15, what="the restarted agent followed")
+            wait_until(lambda: file_members(sd) == {p.address for p in pgws}, 20,
+                       what="registered again, passing and in the ring")
+        finally:
+            again.stop()
+
+
+def test_a_killed_pushgateway_leaves_before_consul_checks_it(consul, pushgateways, stop):
+    """Its TTL check keeps it passing in Consul for a minute; the death watch sees its process
+    end (its idle connection closed, a new one refused) and the next snapshot leaves it out."""
+    pgws = pushgateways(2)
+    for n, pgw in enumerate(pgws):
+        register(consul, f"pgw-{n}", pgw.port)
+    a, b = (Member("127.0.0.1", p.port) for p in pgws)
+    source = ConsulHealth(ConsulSettings(address=consul.url, wait=10.0))
+    snapshots = source.watch(stop)
+    assert next(snapshots).members == {a, b}
+    wait_until(lambda: source.deaths is not None and source.deaths.watching() == {a, b}, 10, what="both watched")
+    pgws[1].kill()
+    killed = time.monotonic()
+    for snapshot in snapshots:  # an unchanged answer comes at the latest after the 10 s wait
+        if snapshot.members == {a}:
+            break
+        assert time.monotonic() - killed < 8, "still listed after Consul's blocking wait"
+    assert time.monotonic() - killed < 8

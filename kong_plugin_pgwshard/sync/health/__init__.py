@@ -3,8 +3,9 @@
 A source's `watch(stop)` yields HealthSnapshot values until `stop` is set. A snapshot either
 knows the healthy set (`members`) or says the source could not tell (`members is None` and an
 `error`): Consul being unreachable is not "nobody is healthy", and the daemon keeps its last
-known good set on errors. Implementations: health_probes.ProbeHealth (own GET /-/healthy, the
-default) and health_consul.ConsulHealth (passing instances of a Consul service).
+known good set on errors. Implementations: probes.ProbeHealth (own GET /-/healthy, the
+default) and consul.ConsulHealth (passing instances of a Consul service); both take a member
+whose process ended out at once through deathwatch.DeathWatch.
 """
 from __future__ import annotations
 
