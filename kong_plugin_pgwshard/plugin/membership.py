@@ -20,12 +20,15 @@ import os
 import threading
 import time
 from collections.abc import Callable, Hashable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..core.file_sd import read_file_sd
 from ..core.ring import Member, Ring
 from ..errors import ClientStatusError, UpstreamError
 from .config import PluginConfig
+
+if TYPE_CHECKING:
+    from ..clients.kong import KongAdmin
 
 log = logging.getLogger("pgwshard.membership")
 
@@ -161,6 +164,8 @@ class UpstreamMembership(PolledMembership):
 
     def __init__(self, admin_url: str, upstream: str, token: str | None, interval: float, timeout: float = 2.0,
                  watch_interval: float | None = None):
+        from ..clients.kong import KongAdmin  # as in read_upstream_targets: this mode only
+
         # one kept-alive connection for the frequent checks; the full reads make their own
         self._status = KongAdmin(admin_url, token, min(timeout, 1.0))
         super().__init__(f"upstream {upstream} at {admin_url}",
