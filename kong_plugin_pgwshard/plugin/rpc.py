@@ -80,10 +80,13 @@ class RPCServer:
     socket_mode: the socket file's mode (e.g. 0o660, so that nginx workers in the server's group
     may connect); None leaves it to the umask."""
 
-    def __init__(self, server: PgwshardPluginServer, listener: socket.socket, follow_parent: bool = True):
-        """listener: a listening unix socket (start.listen_unix), bound before the slow imports."""
+    def __init__(self, server: PgwshardPluginServer, listener: socket.socket, follow_parent: bool = True,
+                 path: str | None = None):
+        """listener: a listening unix socket (start.listen_unix), bound before the slow imports;
+        path: where Kong finds it (its bound name, unless it was bound elsewhere and renamed
+        there, as listener.bind_unix does)."""
         self.server = server
-        self.path = listener.getsockname()
+        self.path = path or listener.getsockname()
         self._listener = listener
         self.watchdog = Watchdog(self.path, follow_parent)
         self.watchdog.bound()

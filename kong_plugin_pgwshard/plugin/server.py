@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import socket
 import sys
 
@@ -73,7 +74,8 @@ def run(args: argparse.Namespace, listener: socket.socket | None) -> None:
         sys.stdout.write(json.dumps([server.get_plugin_info(NAME)]))
         return
     try:
-        RPCServer(server, listener, args.follow_parent).serve_forever()
+        path = os.path.join(args.prefix, args.socket_name)
+        RPCServer(server, listener, args.follow_parent, path).serve_forever()
     except KeyboardInterrupt:
         pass
 

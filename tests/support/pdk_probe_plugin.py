@@ -46,7 +46,8 @@ def serve_with_pgwshard_plugin(prefix: str) -> None:
     from kong_plugin_pgwshard.plugin.start import SOCKET_NAME, listen_unix
 
     definition = type("probe", (), {"Plugin": Plugin, "Schema": [], "version": "0.0.1", "priority": 0})
-    RPCServer(build_server(definition=definition), listen_unix(os.path.join(prefix, SOCKET_NAME))).serve_forever()
+    path = os.path.join(prefix, SOCKET_NAME)
+    RPCServer(build_server(definition=definition), listen_unix(path), path=path).serve_forever()
 
 
 if __name__ == "__main__":
