@@ -19,14 +19,15 @@ The master runs as root where the workers (and the server they spawn) do not: th
 gives both sockets to the owner of the socket's directory (Kong's prefix, which must be the
 workers' user's for the server to bind there anyway) and then runs as that user itself; the
 claim socket accepts only that user (or root), checked again from the peer's credentials.
-On `kong reload` the old server still serves the path when the query runs: the holder
-replaces the path in one step (bind_unix), the old server notices and drains (it serves the
-connections the old workers hold), and new connections queue at the holder until the new
-server claims it. A `kong restart` finds the old server on its way out: the same takeover.
-The query runs wherever Kong loads plugin schemas with this kong.conf: a CLI command that does
-(`kong migrations`, `kong config db_import` against a running node's prefix) also takes the
-path over, and the running server drains and is respawned by Kong to claim it; requests wait
-meanwhile. An externally managed server (no start_cmd) wants no `--hold-socket`.
+On `kong reload` the old server still serves the path when the query runs, and the reload's
+own work (reading the declarative config) can take seconds: the query then holds nothing (Kong
+runs: `<prefix>/pids/nginx.pid` names a live process), the old server serves on, and the new
+server, once started, replaces the path in one step (bind_unix) while the old one drains. A
+CLI command that loads plugin schemas (`kong migrations`, `kong config db_import`) next to a
+running node holds nothing either. On `kong start` and `kong restart` no Kong runs there
+(nginx removes its pid file as it exits): the holder takes the path over, from a server of the
+stopped node that may still be draining too. An externally managed server (no start_cmd) wants
+no `--hold-socket`.
 """
 from __future__ import annotations
 
@@ -88,10 +89,14 @@ def claim(path: str) -> socket.socket | None:
     return listener
 
 
-def hold(path: str, queue_size: int = 4096, mode: int | None = None, seconds: float = HOLD_SECONDS) -> int:
-    """Bind path (over whatever is there) and fork a holder that keeps it until a server claims
-    it; returns the holder's pid. The caller goes on (prints the plugin info Kong asked for) and
-    exits; the holder is detached from it and from Kong's output pipe."""
+def hold(path: str, queue_size: int = 4096, mode: int | None = None, seconds: float = HOLD_SECONDS,
+         kong_pid_file: str | None = None) -> int | None:
+    """Unless the Kong of kong_pid_file runs (a reload), bind path (over whatever is there) and
+    fork a holder that keeps it until a server claims it; returns the holder's pid (None: nothing
+    held). The caller goes on (prints the plugin info Kong asked for) and exits; the holder is
+    detached from it and from Kong's output pipe."""
+    if kong_pid_file is not None and _running(kong_pid_file):
+        return None
     owner = _owner_of(os.path.dirname(path) or ".")
     listener = bind_unix(path, queue_size, mode, owner)
     claims = _bind_claim_socket(path + CLAIM_SUFFIX, owner)
@@ -109,6 +114,22 @@ def hold(path: str, queue_size: int = 4096, mode: int | None = None, seconds: fl
         _serve_claims(path, listener, claims, seconds)
     finally:
         os._exit(0)
+
+
+def _running(pid_file: str) -> bool:
+    """The process a pid file names exists."""
+    try:
+        with open(pid_file) as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid > 0
 
 
 def _owner_of(directory: str) -> tuple[int, int] | None:

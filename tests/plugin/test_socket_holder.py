@@ -122,3 +122,22 @@ def test_another_user_cannot_claim_the_held_socket():
     finally:
         for pid in _holders(prefix):
             os.kill(pid, 9)
+
+
+def test_nothing_is_held_while_kong_runs_at_the_prefix():
+    """`kong reload`: the running node's server serves on; a holder would queue every new
+    connection until the new server starts, seconds later."""
+    prefix = temp_dir("pgwshard-hold-")
+    os.makedirs(os.path.join(prefix, "pids"))
+    with open(os.path.join(prefix, "pids", "nginx.pid"), "w") as f:
+        f.write(f"{os.getpid()}\n")  # a live process: "Kong's master"
+    _query(prefix)
+    assert _holders(prefix) == []
+    assert not os.path.exists(os.path.join(prefix, "pgwshard.sock"))
+    with open(os.path.join(prefix, "pids", "nginx.pid"), "w") as f:
+        f.write("999999999\n")  # a stale pid file: nginx exited without removing it
+    _query(prefix)
+    assert len(_holders(prefix)) == 1
+    assert os.path.exists(os.path.join(prefix, "pgwshard.sock"))
+    for pid in _holders(prefix):
+        os.kill(pid, 9)
