@@ -40,6 +40,9 @@ KONG_NOISE = (
     # kong/runloop/plugin_servers/process.lua:211 calls kong.log.error (no such function) when
     # the plugin server it stops on exit_worker is already gone
     re.compile(r"process\.lua:211: attempt to call field 'error'"),
+    # lua-resty-events: a worker's timer loses the events broker as workers exit (a reload's
+    # old workers, a stop)
+    re.compile(r"communicate\(\): event worker failed to communicate with broker"),
 )
 _LEVELS = re.compile(r"\[(error|crit|alert|emerg)\]")
 
