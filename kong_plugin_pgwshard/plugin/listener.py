@@ -21,7 +21,8 @@ workers' user's for the server to bind there anyway) and then runs as that user 
 claim socket accepts only that user (or root), checked again from the peer's credentials.
 On `kong reload` the old server still serves the path when the query runs, and the reload's
 own work (reading the declarative config) can take seconds: the query then holds nothing (Kong
-runs: `<prefix>/pids/nginx.pid` names a live process), the old server serves on, and the new
+runs: `<prefix>/pids/nginx.pid` names a live process that started before the file was
+written), the old server serves on, and the new
 server, once started, replaces the path in one step (bind_unix) while the old one drains. A
 CLI command that loads plugin schemas (`kong migrations`, `kong config db_import`) next to a
 running node holds nothing either. On `kong start` and `kong restart` no Kong runs there
@@ -117,19 +118,28 @@ def hold(path: str, queue_size: int = 4096, mode: int | None = None, seconds: fl
 
 
 def _running(pid_file: str) -> bool:
-    """The process a pid file names exists."""
+    """The process a pid file names runs, and wrote the file: a stale file naming a pid taken
+    again since (a container's nginx is pid 1 on every start) does not count."""
     try:
         with open(pid_file) as f:
             pid = int(f.read().strip())
+        written = os.stat(pid_file).st_mtime
     except (OSError, ValueError):
         return False
+    started = _start_time(pid)
+    return started is not None and written >= started - 1.0
+
+
+def _start_time(pid: int) -> float | None:
+    """When a process started (epoch seconds), from /proc; None if there is no such process."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid > 0
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _owner_of(directory: str) -> tuple[int, int] | None:

@@ -138,6 +138,15 @@ def test_nothing_is_held_while_kong_runs_at_the_prefix():
         f.write("999999999\n")  # a stale pid file: nginx exited without removing it
     _query(prefix)
     assert len(_holders(prefix)) == 1
+    for pid in _holders(prefix):
+        os.kill(pid, 9)
+    # a stale file naming a pid taken again since (a container's nginx is pid 1 each start)
+    with open(os.path.join(prefix, "pids", "nginx.pid"), "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.utime(os.path.join(prefix, "pids", "nginx.pid"), (1, 1))
+    wait_until(lambda: not _holders(prefix), 10, what="the first holder gone")
+    _query(prefix)
+    assert len(_holders(prefix)) == 1
     assert os.path.exists(os.path.join(prefix, "pgwshard.sock"))
     for pid in _holders(prefix):
         os.kill(pid, 9)
