@@ -84,7 +84,10 @@ def claim(path: str) -> socket.socket | None:
     if not fds:
         return None
     listener = socket.socket(fileno=fds[0])
-    if listener.family != socket.AF_UNIX or listener.type != socket.SOCK_STREAM:
+    for extra in fds[1:]:
+        os.close(extra)
+    if (listener.family != socket.AF_UNIX or listener.type != socket.SOCK_STREAM
+            or not listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
         listener.close()
         return None
     return listener

@@ -71,8 +71,11 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"pgwshard-plugin: the prefix {args.prefix} is not a directory")
         path = os.path.join(args.prefix, args.socket_name)
         if args.hold_socket:
-            listener.hold(path, args.listen_queue_size, args.socket_mode,
-                          kong_pid_file=os.path.join(args.prefix, "pids", "nginx.pid"))
+            try:
+                listener.hold(path, args.listen_queue_size, args.socket_mode,
+                              kong_pid_file=os.path.join(args.prefix, "pids", "nginx.pid"))
+            except OSError as err:  # Kong still needs the plugin info: start without a holder
+                print(f"pgwshard-plugin: cannot hold {path} for the server: {err}", file=sys.stderr)
         else:
             bound = listen_unix(path, args.listen_queue_size, args.socket_mode)
     from .server import run  # the slow imports, once Kong can connect

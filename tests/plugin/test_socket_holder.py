@@ -150,3 +150,15 @@ def test_nothing_is_held_while_kong_runs_at_the_prefix():
     assert os.path.exists(os.path.join(prefix, "pgwshard.sock"))
     for pid in _holders(prefix):
         os.kill(pid, 9)
+
+
+def test_a_query_that_cannot_hold_the_socket_still_prints_the_plugin_info():
+    """Kong refuses to start without the plugin info: a socket path it cannot bind (here
+    longer than a unix socket address takes) costs the holder, not the start."""
+    prefix = temp_dir("pgwshard-hold-")
+    deep = os.path.join(prefix, "p" * 120)
+    os.makedirs(deep)
+    done = _query(deep)
+    assert json.loads(done.stdout)[0]["Name"] == "pgwshard"
+    assert b"cannot hold" in done.stderr
+    assert _holders(deep) == []
