@@ -19,16 +19,16 @@ The master runs as root where the workers (and the server they spawn) do not: th
 gives both sockets to the owner of the socket's directory (Kong's prefix, which must be the
 workers' user's for the server to bind there anyway) and then runs as that user itself; the
 claim socket accepts only that user (or root), checked again from the peer's credentials.
-On `kong reload` the old server still serves the path when the query runs, and the reload's
-own work (reading the declarative config) can take seconds: the query then holds nothing (Kong
-runs: `<prefix>/pids/nginx.pid` names a live process that started before the file was
-written), the old server serves on, and the new
-server, once started, replaces the path in one step (bind_unix) while the old one drains. A
-CLI command that loads plugin schemas (`kong migrations`, `kong config db_import`) next to a
-running node holds nothing either. On `kong start` and `kong restart` no Kong runs there
-(nginx removes its pid file as it exits): the holder takes the path over, from a server of the
-stopped node that may still be draining too. An externally managed server (no start_cmd) wants
-no `--hold-socket`.
+
+On `kong reload` the old server still serves the path when the query runs, and the reload's own
+work (reading the declarative config) can take seconds: the query then holds nothing (Kong
+runs: `<prefix>/pids/nginx.pid` names a live process that started before the file was written),
+the old server serves on, and the new server, once started, replaces the path in one step
+(bind_unix) while the old one drains. A CLI command that loads plugin schemas (`kong
+migrations`, `kong config db_import`) next to a running node holds nothing either. On `kong
+start` and `kong restart` no Kong runs there (nginx removes its pid file as it exits): the
+holder takes the path over, from a server of the stopped node that may still be draining too.
+An externally managed server (no start_cmd) wants no `--hold-socket`.
 """
 from __future__ import annotations
 

@@ -41,7 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hold-socket", action="store_true",
                         help="with --dump (Kong's query_cmd): bind the socket now and keep it in a holder "
                              "process until the server Kong starts claims it, so that no request meets a "
-                             "missing socket while that server starts (README, 'Kong starts the plugin server')")
+                             "missing socket while that server starts (README, 'Kong starting, reloading and "
+                             "restarting the plugin server')")
     return parser.parse_args(argv)
 
 
@@ -66,18 +67,17 @@ def main(argv: list[str] | None = None) -> None:
     bound = None
     if args.hold_socket and not args.dump:
         sys.exit("pgwshard-plugin: --hold-socket goes with --dump (Kong's query_cmd)")
-    if args.hold_socket or not args.dump:
+    path = os.path.join(args.prefix, args.socket_name)
+    if args.hold_socket:
+        try:
+            listener.hold(path, args.listen_queue_size, args.socket_mode,
+                          kong_pid_file=os.path.join(args.prefix, "pids", "nginx.pid"))
+        except OSError as err:  # Kong still needs the plugin info: start without a holder
+            print(f"pgwshard-plugin: cannot hold {path} for the server: {err}", file=sys.stderr)
+    elif not args.dump:
         if not os.path.isdir(args.prefix):
             sys.exit(f"pgwshard-plugin: the prefix {args.prefix} is not a directory")
-        path = os.path.join(args.prefix, args.socket_name)
-        if args.hold_socket:
-            try:
-                listener.hold(path, args.listen_queue_size, args.socket_mode,
-                              kong_pid_file=os.path.join(args.prefix, "pids", "nginx.pid"))
-            except OSError as err:  # Kong still needs the plugin info: start without a holder
-                print(f"pgwshard-plugin: cannot hold {path} for the server: {err}", file=sys.stderr)
-        else:
-            bound = listen_unix(path, args.listen_queue_size, args.socket_mode)
+        bound = listen_unix(path, args.listen_queue_size, args.socket_mode)
     from .server import run  # the slow imports, once Kong can connect
     run(args, bound)
 

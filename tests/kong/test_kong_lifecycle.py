@@ -151,6 +151,7 @@ def test_kong_start_under_push_load_answers_no_5xx(gateway):
     assert all(isinstance(a, int) for _, a in pushes.answers[first:]), pushes.statuses()
     assert_on_owners(gateway, pushes.acknowledged())
     assert kong.error_lines(since) == []
+    assert kong.holder_pids() == []  # the server claimed the socket Kong's master held for it
 
 
 def test_kong_reload_under_push_load_answers_no_5xx(gateway):
