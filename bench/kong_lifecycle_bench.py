@@ -25,9 +25,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kong_plugin_pgwshard.harness.kong import kong_binary  # noqa: E402
-from kong_plugin_pgwshard.harness.processes import http_request  # noqa: E402
-from tests.kong.conftest import DblessGateway  # noqa: E402
+import yaml  # noqa: E402
+
+from kong_plugin_pgwshard.harness.kong import Kong, kong_binary, shipped_declarative  # noqa: E402
+from kong_plugin_pgwshard.harness.processes import Pushgateway, http_request, temp_dir  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 BODY = b"# TYPE bench_items counter\nbench_items 1\n"
 
@@ -83,8 +86,11 @@ def main() -> None:
     binary = kong_binary()
     if binary is None:
         sys.exit("no Kong: bash .ci/build-kong.sh, or set PGWSHARD_KONG")
-    world = DblessGateway(binary, sync=False)
-    kong = world.kong
+    pgws = [Pushgateway().start() for _ in range(3)]
+    kong_yml = Path(temp_dir("pgwshard-bench-kong-")) / "kong.yml"
+    kong = Kong({"database": "off", "declarative_config": str(kong_yml)}, REPO / "kong" / "kong.conf", binary)
+    kong_yml.write_text(yaml.safe_dump(shipped_declarative(REPO / "kong" / "kong.yml", [p.address for p in pgws],
+                                                           kong.status_url)))
     if args.without_hold:
         query = kong.settings["pluginserver_pgwshard_query_cmd"]
         kong.settings["pluginserver_pgwshard_query_cmd"] = query.split(" --hold-socket")[0]
@@ -98,7 +104,9 @@ def main() -> None:
             answers = load(kong.proxy_url, args.pushers, args.every, args.seconds, kong.reload)
             report(f"kong reload #{n + 1}", answers, args.pushers)
     finally:
-        world.stop()
+        kong.stop()
+        for pgw in pgws:
+            pgw.stop()
 
 
 if __name__ == "__main__":
