@@ -121,5 +121,5 @@ def test_the_plugin_servers_entry_point_binds_before_loading_anything_slow():
     loads nothing beyond the standard library and this package's own start module."""
     loaded = _loaded_by(f"{PACKAGE}.plugin.start")
     ours = {m for m in loaded if m.startswith(PACKAGE)}
-    assert ours == {PACKAGE, f"{PACKAGE}.plugin", f"{PACKAGE}.plugin.start"}
+    assert ours == {PACKAGE, f"{PACKAGE}.plugin", f"{PACKAGE}.plugin.start", f"{PACKAGE}.plugin.listener"}
     assert not loaded & {"kong_pdk", "msgpack", "requests", "uhashring", "greenlet", "yaml", "urllib3"}

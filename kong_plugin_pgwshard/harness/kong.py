@@ -40,6 +40,9 @@ KONG_NOISE = (
     # kong/runloop/plugin_servers/process.lua:211 calls kong.log.error (no such function) when
     # the plugin server it stops on exit_worker is already gone
     re.compile(r"process\.lua:211: attempt to call field 'error'"),
+    # lua-resty-events: a worker's timer loses the events broker as workers exit (a reload's
+    # old workers, a stop)
+    re.compile(r"communicate\(\): event worker failed to communicate with broker"),
 )
 _LEVELS = re.compile(r"\[(error|crit|alert|emerg)\]")
 
@@ -208,14 +211,23 @@ class Kong:
 
     def plugin_server_pids(self) -> list[int]:
         """The plugin servers running for this node (two for a moment during a reload)."""
+        return [pid for pid, cmd in self._plugin_commands() if b"--dump" not in cmd]
+
+    def holder_pids(self) -> list[int]:
+        """The socket holders `query_cmd` (`--dump --hold-socket`) left for this node: one from
+        `kong start` until the server claims the socket (plugin/listener.py)."""
+        return [pid for pid, cmd in self._plugin_commands() if b"--hold-socket" in cmd]
+
+    def _plugin_commands(self) -> list[tuple[int, bytes]]:
         marker = f"-p {self.prefix}".encode()
-        return [pid for pid, cmd in _cmdlines() if b"pgwshard-plugin" in cmd and marker in cmd]
+        return [(pid, cmd) for pid, cmd in _cmdlines() if b"pgwshard-plugin" in cmd and marker in cmd]
 
     def _own_pids(self) -> list[int]:
-        """Every process of this node: the nginx master, its workers, the plugin servers."""
+        """Every process of this node: the nginx master, its workers, the plugin servers and
+        socket holders."""
         master = self.master_pid()
         nginx = [master, *child_pids(master)] if master is not None else []
-        return [*nginx, *self.plugin_server_pids()]
+        return [*nginx, *(pid for pid, _ in self._plugin_commands())]
 
     # -- its log ------------------------------------------------------------------------------
     def error_log(self) -> str:

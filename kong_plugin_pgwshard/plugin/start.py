@@ -7,6 +7,11 @@ instance: no such file or directory"). Importing the plugin server takes 100-200
 requests, msgpack); binding a unix socket takes microseconds. So this module imports only the
 standard library, binds and listens first, then imports the server: a StartInstance that comes
 meanwhile waits in the listen queue, within Kong's read timeout, and is answered.
+
+Binding first still loses the race at a cold `kong start`: Kong's workers proxy before worker
+0's timer has even spawned this process. With `--dump --hold-socket` (kong.conf's query_cmd),
+Kong's master binds the socket before it forks any worker and a small holder keeps it until
+this server claims it (listener.py); the server then serves what queued meanwhile.
 """
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ import argparse
 import os
 import socket
 import sys
+
+from . import listener
 
 SOCKET_NAME = "pgwshard.sock"  # "<plugin name>.sock", as kong-pdk's dedicated servers name theirs
 
@@ -31,6 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "parent process does (a server started by init never follows it)")
     parser.add_argument("-v", "--verbose", action="count", default=1, help="more logging, repeatable")
     parser.add_argument("--dump", "-dump", action="store_true", help="print the plugin info Kong asks for, and exit")
+    parser.add_argument("--hold-socket", action="store_true",
+                        help="with --dump (Kong's query_cmd): bind the socket now and keep it in a holder "
+                             "process until the server Kong starts claims it, so that no request meets a "
+                             "missing socket while that server starts (README, 'Kong starting, reloading and "
+                             "restarting the plugin server')")
     return parser.parse_args(argv)
 
 
@@ -45,33 +57,30 @@ def _octal(text: str) -> int:
 
 
 def listen_unix(path: str, queue_size: int = 4096, mode: int | None = None) -> socket.socket:
-    """A socket listening at path. It is bound and listening under a temporary name first, then
-    renamed over path: Kong, which connects as soon as the file is there, never finds it bound
-    but not yet listening (refused), nor missing while a previous server's file is replaced
-    (`kong reload`: that server notices and drains, see rpc.RPCServer)."""
-    staged = f"{path}.{os.getpid()}.new"
-    if os.path.exists(staged):
-        os.remove(staged)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(staged)
-    if mode is not None:
-        os.chmod(staged, mode)
-    listener.listen(queue_size)
-    os.replace(staged, path)
-    return listener
+    """The listening socket at path: a holder's, claimed, else a new one replacing what is there
+    in one step (a previous server's socket: it notices and drains, see rpc.RPCServer)."""
+    return listener.claim(path) or listener.bind_unix(path, queue_size, mode)
 
 
 def main(argv: list[str] | None = None) -> None:
     parent = os.getppid()  # before anything else: Kong may exit while this server loads
     args = parse_args(argv)
-    listener = None
+    bound = None
+    if args.hold_socket and not args.dump:
+        sys.exit("pgwshard-plugin: --hold-socket goes with --dump (Kong's query_cmd)")
     path = os.path.join(args.prefix, args.socket_name)
-    if not args.dump:
+    if args.hold_socket:
+        try:
+            listener.hold(path, args.listen_queue_size, args.socket_mode,
+                          kong_pid_file=os.path.join(args.prefix, "pids", "nginx.pid"))
+        except OSError as err:  # Kong still needs the plugin info: start without a holder
+            print(f"pgwshard-plugin: cannot hold {path} for the server: {err}", file=sys.stderr)
+    elif not args.dump:
         if not os.path.isdir(args.prefix):
             sys.exit(f"pgwshard-plugin: the prefix {args.prefix} is not a directory")
-        listener = listen_unix(path, args.listen_queue_size, args.socket_mode)
+        bound = listen_unix(path, args.listen_queue_size, args.socket_mode)
     from .server import run  # the slow imports, once Kong can connect
-    run(args, listener, path, parent if args.follow_parent and parent != 1 else None)
+    run(args, bound, path, parent if args.follow_parent and parent != 1 else None)
 
 
 if __name__ == "__main__":

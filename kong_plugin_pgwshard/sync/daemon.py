@@ -47,6 +47,8 @@ SINK_BACKOFF_SECONDS = (0.5, 1.0, 2.0, 5.0, 10.0)
 # its declarative file (all targets), and a target edited by hand drifts. Equal sets cost no
 # writes (Admin API) or a 304 (DB-less /config).
 SINK_RESYNC_SECONDS = 30.0
+# How often the Kong nodes are asked whether they started or reloaded (kong_nodes.py).
+KONG_NODES_POLL_SECONDS = 2.0
 
 
 class Damper:
@@ -230,6 +232,9 @@ class Daemon:
         threads = [threading.Thread(target=self._watch, name="pgwshard-watch", daemon=True)]
         if self.rebalancer is not None:
             threads.append(threading.Thread(target=self._rebalance_loop, name="pgwshard-rebalance", daemon=True))
+            if self.settings.kong is not None:
+                threads.append(threading.Thread(target=self._watch_kong_nodes, name="pgwshard-kong-nodes",
+                                                daemon=True))
         for t in threads:
             t.start()
         for worker in self.workers:
@@ -244,7 +249,7 @@ class Daemon:
         # Consul query for `consul.wait`, and holds nothing worth waiting for (daemon thread);
         # a sink may sit in a hung call for its timeout.
         for t in threads:
-            t.join(timeout=1 if t.name == "pgwshard-watch" else 5)
+            t.join(timeout=1 if t.name in ("pgwshard-watch", "pgwshard-kong-nodes") else 5)
         for worker in self.workers:
             worker.join(timeout=1)
         if delete_api is not None:
@@ -319,6 +324,29 @@ class Daemon:
                 log.exception("health source failed; restarting it")
                 self._snapshots.put(HealthSnapshot(None, error=repr(err)))
                 self.stop.wait(1.0)
+
+    def _watch_kong_nodes(self) -> None:
+        """A rebalance pass, once settled, whenever a Kong node started, restarted or reloaded:
+        it may have sent pushes on without the plugin meanwhile (kong_nodes.py)."""
+        from ..clients.kong import KongAdmin
+        from .kong_nodes import KongNodeWatch
+        kong = self.settings.kong
+        assert kong is not None  # run() starts this watch only with Kong settings
+        urls = kong.nodes if kong.mode == "declarative" and kong.nodes else (kong.admin_url,)
+        watch = KongNodeWatch([KongAdmin(url, kong.admin_token, timeout=2.0, proxy=kong.proxy) for url in urls])
+        try:
+            while not self.stop.wait(KONG_NODES_POLL_SECONDS):
+                try:
+                    changed = watch.changed()
+                except Exception:  # noqa: BLE001 - a broken look must not end the watch
+                    log.exception("watching the Kong nodes failed; going on")
+                    continue
+                if changed:
+                    log.info("Kong node(s) started or reloaded, a rebalance pass follows: %s", ", ".join(changed))
+                    self._changed_at = time.monotonic()
+                    self._rebalance_wanted.set()
+        finally:
+            watch.close()
 
     def _wait_time(self) -> float:
         deadline = self.damper.next_deadline()

@@ -30,11 +30,12 @@ def test_kong_conf_names_the_plugin_server_as_it_runs():
     start = conf["pluginserver_pgwshard_start_cmd"].split()
     query = conf["pluginserver_pgwshard_query_cmd"].split()
     assert Path(start[0]).name == Path(query[0]).name == "pgwshard-plugin" and "pgwshard-plugin" in scripts
-    assert query[1:] == ["--dump"]
     prefix = start[start.index("-p") + 1]
+    # the query holds the socket the server claims: the same prefix (README, "Kong starting, ...")
+    assert query[1:] == ["--dump", "--hold-socket", "-p", prefix]
     # kong-pdk's dedicated server listens on <prefix>/<name>.sock
     assert conf["pluginserver_pgwshard_socket"] == f"{prefix.rstrip('/')}/pgwshard.sock"
-    dump = subprocess.run([sys.executable, "-m", "kong_plugin_pgwshard.plugin.start", *query[1:]],
+    dump = subprocess.run([sys.executable, "-m", "kong_plugin_pgwshard.plugin.start", "--dump"],
                           capture_output=True, text=True, check=True, timeout=30).stdout
     assert json.loads(dump)[0]["Name"] == conf["pluginserver_names"]
 

@@ -19,6 +19,9 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from kong_plugin_pgwshard.harness.processes import temp_dir
+from kong_plugin_pgwshard.plugin import listener
+
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
 COMPOSE_FILE = DOCKER / "docker-compose.yml"
@@ -271,12 +274,19 @@ def test_plugin_server_commands_are_the_packaged_entry_point():
     # The socket Kong dials is the one the server listens on: <prefix>/pgwshard.sock.
     prefix = start[start.index("-p") + 1] if "-p" in start else "/usr/local/kong"
     assert in_image["pluginserver_pgwshard_socket"] == f"{prefix.rstrip('/')}/pgwshard.sock"
-    # The query command, run from this checkout's install, prints what Kong reads at start.
-    local = [str(Path(sys.executable).parent / Path(query[0]).name), *query[1:]]
+    # The query command, run from this checkout's install (at a prefix of its own: it holds the
+    # socket there for the server, README "Kong starting, ..."), prints what Kong reads at start.
+    assert query[query.index("-p") + 1] == prefix
+    own_prefix = temp_dir("pgwshard-query-")
+    args = [own_prefix if arg == prefix else arg for arg in query[1:]]
+    local = [str(Path(sys.executable).parent / Path(query[0]).name), *args]
     result = subprocess.run(local, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     [info] = json.loads(result.stdout)
     assert info["Name"] == "pgwshard" and "access" in info["Phases"]
+    held = listener.claim(f"{own_prefix}/pgwshard.sock")  # as the server would: the holder exits
+    assert held is not None
+    held.close()
 
 
 # --- hostnames and ports agree -----------------------------------------------------------------
