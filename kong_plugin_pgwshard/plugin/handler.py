@@ -18,6 +18,7 @@ from ..core.grouping import parse_push_path
 from ..core.ring import Member, Ring
 from ..errors import GroupingKeyError, NoMembersError
 from .config import FIELDS, PluginConfig, kong_schema
+from .kong_uri import forwarded_path
 from .membership import membership_for, release
 
 NAME = "pgwshard"  # the plugin's name in kong.conf's `plugins` and in kong.yml
@@ -78,7 +79,8 @@ class Plugin:
             self._memo_ring, self._owners, self._memo_bytes = ring, {}, 0
         owner = self._owners.get(path)
         if owner is None:
-            key = parse_push_path(path, self.config.route_prefix)
+            # the key of the path the pushgateway will receive: Kong forwards it normalized
+            key = parse_push_path(forwarded_path(path), self.config.route_prefix)
             if key is None:
                 return None
             owner = ring.owner(key)
