@@ -47,15 +47,15 @@ class DblessGateway:
 
     def __init__(self, kong_bin: str, pushgateways: int = 3, sync: bool = True, deletes: bool = False,
                  rebalance: bool = False, sync_settings: dict | None = None, plugin_socket: str | None = None,
-                 kong_settings: dict | None = None):
+                 kong_settings: dict | None = None, kong_env: dict[str, str] | None = None):
         """plugin_socket: Kong connects to a plugin server the test runs there (no start_cmd:
         Kong then leaves the server to others, kong/runloop/plugin_servers/process.lua);
-        kong_settings: more kong.conf keys."""
+        kong_settings: more kong.conf keys; kong_env: more variables in `kong start`'s environment."""
         self.dir = temp_dir("pgwshard-kong-world-")
         self.pgws = [Pushgateway().start() for _ in range(pushgateways)]
         self.kong_yml = f"{self.dir}/kong.yml"
         self.kong = Kong({"database": "off", "declarative_config": self.kong_yml, **(kong_settings or {})},
-                         KONG_CONF, kong_bin)
+                         KONG_CONF, kong_bin, env=kong_env)
         if plugin_socket is not None:
             del self.kong.settings["pluginserver_pgwshard_start_cmd"]
             self.kong.settings["pluginserver_pgwshard_socket"] = plugin_socket
