@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import json
 import zlib
+from pathlib import Path
 
 import pytest
 
 from kong_plugin_pgwshard.core.grouping import GroupingKey
+from kong_plugin_pgwshard.harness.processes import http_request, wait_until
 
 from .conftest import DblessGateway, raw_request
 
 pytestmark = pytest.mark.kong
 
+VECTORS = json.loads((Path(__file__).parents[1] / "vectors" / "grouping.json").read_text())
 JOBS = 9  # spellings of 9 groups each: Kong's own hash_on path picks the owner for all 9 by chance 1 in 3**9
 
 
@@ -102,3 +105,32 @@ def test_kong_refuses_a_push_path_pushgateway_would_not_take_and_nothing_is_stor
         prefix = "pgwshard: bad push path: " if who == "plugin" else ""
         assert message.startswith(prefix) and says in message, message
     assert not any(g["labels"].get("job") == job for p in gateway.pgws for g in p.groups())
+
+
+def _clear(gateway: DblessGateway) -> None:
+    for pgw in gateway.pgws:
+        for group in pgw.groups():
+            path = GroupingKey.from_labels(group["labels"]).path()
+            assert http_request(pgw.url + path, "DELETE", timeout=5)[0] == 202
+    wait_until(lambda: not any(p.groups() for p in gateway.pgws), 10, what="the pushgateways empty")
+
+
+def test_every_grouping_vector_pushed_through_kong_is_stored_on_its_owner_only_or_nowhere(gateway):
+    """tests/vectors/grouping.json (what Pushgateway makes of a path it receives) pushed through
+    Kong: whatever a pushgateway stored, it is one group on its owner only; a refused push
+    stored nothing. No oracle of ours: the key is the one the pushgateway stored."""
+    ring = gateway.ring()
+    outcomes = {}
+    for vector in VECTORS:
+        _clear(gateway)
+        status, _, body = raw_request(gateway.kong.proxy_port, vector["path"].encode())
+        stored = [(p.address, GroupingKey.from_labels(g["labels"])) for p in gateway.pgws for g in p.groups()]
+        outcomes[vector["path"]] = status
+        if 200 <= status < 300:
+            assert len(stored) == 1, (vector, stored)
+            ((holder, key),) = stored
+            assert holder == ring.owner(key).name, (vector, key)
+        else:
+            assert stored == [], (vector, status, body)
+    # the vectors Pushgateway stores are stored through Kong too
+    assert all(200 <= outcomes[v["path"]] < 300 for v in VECTORS if v.get("key"))
