@@ -174,6 +174,11 @@ ROWS = {
                               "mp_rpc.lua:208: unexpected RPC response ID from Go plugin server"),
     "start-instance-refused": ({"plugin.StartInstance": [RPCError("bad config")]}, True, 500,
                                "plugin.lua:283 [pgwshard] starting instance: bad config"),
+    # the driver's cases (tests/plugin/test_kong_rpc_driver.py): nothing, or a notification and
+    # nothing, before the connection closes
+    "closed-before-answering": ({"plugin.HandleEvent": [Raw(b"")]}, False, 200, "mp_rpc.lua:318 [pgwshard] no data"),
+    "notification-then-closed": ({"plugin.HandleEvent": [Raw(msgpack.packb([2, "serverPid", 1]))]}, False, 200,
+                                 "mp_rpc.lua:318 [pgwshard] no data"),
     # not a failure: a notification before the answer is passed over (mp_rpc.lua Rpc:call)
     "notification-first": ({"plugin.HandleEvent": [Notified(ret())]}, False, 200, None),
 }
