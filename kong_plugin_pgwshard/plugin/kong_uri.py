@@ -20,12 +20,13 @@ _ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
 def forwarded_path(raw: str) -> str:
     """kong/tools/uri.lua's normalize(raw, merge_slashes=true). Raw bytes the plugin server
     received as surrogates (not UTF-8) stay bytes, decoded escapes become such bytes too."""
-    if "%" not in raw and "." not in raw and "//" not in raw:
+    # a dot matters only at a segment's start (a path starts with "/")
+    if "%" not in raw and "/." not in raw and "//" not in raw:
         return raw  # the common case: nothing to normalize
     data = raw.encode("utf-8", "surrogateescape")
     if b"%" in data:
         data = _ESCAPE.sub(_decode_unreserved, data)
-    if b"." in data or b"//" in data:
+    if b"/." in data or b"//" in data:
         data = _remove_dot_segments(data)
     return data.decode("utf-8", "surrogateescape")
 

@@ -12,9 +12,9 @@ import pytest
 
 from kong_plugin_pgwshard.harness.processes import http_request, temp_dir, wait_until
 from tests.support import kong_recordings as rec
-from tests.support.scripted_plugin_server import ScriptedPluginServer, ret, started_instance
+from tests.support.scripted_plugin_server import ScriptedPluginServer, pdk_call, ret, started_instance
 
-from .conftest import DblessGateway
+from .conftest import DblessGateway, raw_request
 
 pytestmark = pytest.mark.kong
 
@@ -24,8 +24,10 @@ def recorded(kong_bin) -> dict:
     directory = temp_dir("pgwshard-kong-recording-")
     os.chmod(directory, 0o711)
     socket_path = os.path.join(directory, "pgwshard.sock")
-    with ScriptedPluginServer({"plugin.StartInstance": [started_instance()], "plugin.HandleEvent": [ret()]},
-                              path=socket_path) as peer:
+    # every request asks Kong for kong.request.get_path(): its answer comes back in the Step
+    script = {"plugin.StartInstance": [started_instance()],
+              "plugin.HandleEvent": [pdk_call("kong.request.get_path")], "plugin.Step": [ret()]}
+    with ScriptedPluginServer(script, path=socket_path) as peer:
         world = DblessGateway(kong_bin, pushgateways=1, sync=False, plugin_socket=socket_path)
         try:
             live: dict = {}
@@ -45,6 +47,14 @@ def recorded(kong_bin) -> dict:
             (call,) = [a for m, a in peer.calls if m == "plugin.StartInstance"
                        and json.loads(a[0]["Config"]).get("admin_url") == rec.PLUGIN_CONFIG["admin_url"]][-1:]
             live["StartInstance"] = {"Name": call[0]["Name"], "Config": rec.start_instance_config(call[0]["Config"])}
+            paths = {}
+            for raw in rec.RAW_PATHS:
+                before = len(peer.calls)
+                raw_request(world.kong.proxy_port, raw.encode())  # then to a recorded target: any answer
+                steps = [a for m, a in peer.calls[before:] if m == "plugin.Step"]
+                assert len(steps) == 1, (raw, peer.calls[before:])
+                paths[raw] = steps[0][0]["Data"]
+            live["get_path"] = paths
         finally:
             world.stop()
     return live

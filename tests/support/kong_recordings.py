@@ -33,6 +33,18 @@ EXCHANGES: list[tuple[str, str, str, str, Any]] = [
     ("admin: an unknown target's delete", "admin", "DELETE", f"/upstreams/{UPSTREAM}/targets/9.9.9.9:1", None),
 ]
 
+# raw request paths whose kong.request.get_path() (kong/tools/uri.lua normalize, the path Kong
+# forwards before re-escaping it) is recorded: plugin/kong_uri.py must give the same
+RAW_PATHS = [
+    "/metrics/job/x/instance/a", "//metrics/job/x", "/metrics//job/x", "/./metrics/job/x", "/%2e/metrics/job/x",
+    "/other/../metrics/job/x", "/metrics/job/x/./instance/a", "/metrics/job/x/y/../instance/a",
+    "/metrics/job/x/instance/a/b/x/%2E%2E", "/metrics/job/x/instance/a/..", "/metrics/job/x/.", "/metrics/job/x/..",
+    "/%6detrics/job/x", "/metrics/%6Aob/x", "/metrics/job%2Fx", "/metrics/job%2fx", "/metrics/job/x/i/%2541",
+    "/metrics/job/x/i/a%2e", "/metrics/job/x/i/a+b", "/metrics/job/x/i/%C3%A9", "/metrics/job/x/i/\u00e9",
+    "/metrics/job/x/i/a%20b", "/metrics/job/x/i/%7e%41", "/metrics/job/x/i@base64/YQ==", "/metrics/job/x/",
+    "/metrics/job/x/i/a%3Fb%23c%40d", "/metrics/job/x/i/%2F%2F", "/a/b/../../metrics/job/x",
+]
+
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
