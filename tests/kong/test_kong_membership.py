@@ -170,3 +170,17 @@ def test_kong_answers_429_with_retry_after_while_loading_and_pgwshard_sees_it_bu
         assert 0 < err.retry_after <= 10
     # the world's own config back
     wait_until(lambda: quiet_gateway.post_config()[0] == 201, 120, interval=0.5, what="Kong idle again")
+
+
+def test_after_kong_reload_pgwshard_sync_puts_the_applied_targets_back_before_any_resync(gateway):
+    """`kong reload` puts a DB-less node back on its declarative_config file (Kong 3.9.3): the
+    file's targets, a drained pushgateway at full weight again. pgwshard-sync notices by the
+    node's configuration hash and loads its targets again, without waiting for its 30 s resync."""
+    a, b, c = (p.address for p in gateway.pgws)
+    restart_sync(gateway, [{"address": a, "weight": 0}, b, c])
+    applied(gateway, {a: 0, b: 100, c: 100})
+    gateway.kong.reload()
+    wait_until(lambda: "runs another config than the one loaded into it" in gateway.sync.log(), 20,
+               what="pgwshard-sync to notice the reloaded node")
+    applied(gateway, {a: 0, b: 100, c: 100})
+    assert push_all_and_check(gateway, "reloaded") == {b, c}
