@@ -15,10 +15,10 @@ from typing import Any
 
 from .. import __version__
 from ..core.grouping import parse_push_path
+from ..core.kong_uri import forwarded_path
 from ..core.ring import Member, Ring
 from ..errors import GroupingKeyError, NoMembersError
 from .config import FIELDS, PluginConfig, kong_schema
-from .kong_uri import forwarded_path
 from .membership import membership_for, release
 
 NAME = "pgwshard"  # the plugin's name in kong.conf's `plugins` and in kong.yml

@@ -34,7 +34,7 @@ EXCHANGES: list[tuple[str, str, str, str, Any]] = [
 ]
 
 # raw request paths whose kong.request.get_path() (kong/tools/uri.lua normalize, the path Kong
-# forwards before re-escaping it) is recorded: plugin/kong_uri.py must give the same
+# forwards before re-escaping it) is recorded: core/kong_uri.py must give the same
 RAW_PATHS = [
     "/metrics/job/x/instance/a", "//metrics/job/x", "/metrics//job/x", "/./metrics/job/x", "/%2e/metrics/job/x",
     "/other/../metrics/job/x", "/metrics/job/x/./instance/a", "/metrics/job/x/y/../instance/a",
