@@ -96,7 +96,8 @@ class DblessGateway:
             "metrics": {"listen": "127.0.0.1:0"},
         }
         if self.deletes_port:
-            settings["deletes"] = {"listen": f"127.0.0.1:{self.deletes_port}", "path": f"{self.dir}/tombstones"}
+            settings["deletes"] = {"listen": f"127.0.0.1:{self.deletes_port}",
+                                  "tombstone_file": f"{self.dir}/tombstones.json"}
         settings.update(self.sync_settings)
         with open(config, "w") as f:
             yaml.safe_dump(settings, f)
