@@ -17,7 +17,7 @@ INSTALL_DIR = "/opt/pgwshard"  # where the units expect the virtualenv
 
 # How each installed command reads its arguments, run by the installed interpreter.
 PARSERS = {
-    "pgwshard-plugin": "from kong_plugin_pgwshard.plugin.server import parse_args as parse",
+    "pgwshard-plugin": "from kong_plugin_pgwshard.plugin.start import parse_args as parse",
     "pgwshard": "from kong_plugin_pgwshard.cli import build_parser; parse = build_parser().parse_args",
 }
 
