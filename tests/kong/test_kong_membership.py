@@ -128,9 +128,12 @@ def post_raw(url: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
         conn.close()
 
 
-def test_kong_answers_429_with_retry_after_while_loading_and_pgwshard_sees_it_busy(quiet_gateway):
+def test_kong_answers_429_with_retry_after_while_another_load_holds_its_lock(quiet_gateway):
     """Kong's worker mutex (timeout 0) refuses a POST /config that comes while another worker
-    loads one: 429 {"message": "Currently loading previous configuration"}, Retry-After <= 10."""
+    loads one: 429 {"message": "Currently loading previous configuration"}, Retry-After <= 10.
+    pgwshard's client posts meanwhile; when it meets one, it reads it as KongBusy with that
+    Retry-After (whether it does is Kong's scheduling; the Admin API double's 429, which
+    tests/clients/test_kong.py drives the client with, uses these words)."""
     big = json.dumps(big_config(quiet_gateway.declarative, 20_000)).encode()
     answers: list[tuple[int, dict[str, str], bytes]] = []
     busy: list[KongBusy] = []
