@@ -28,6 +28,7 @@ from .clients.kong import KongAdmin
 from .clients.pushgateway import PushgatewayClient
 from .core.file_sd import read_file_sd_outside
 from .core.grouping import GroupingKey, parse_push_path
+from .core.kong_uri import forwarded_path
 from .core.ring import Member, Ring
 from .errors import GroupingKeyError, NoMembersError, UpstreamError
 from .host.command import add_parser as add_host_parser
@@ -79,7 +80,8 @@ def locate(args: argparse.Namespace) -> int:
     status = 0
     for path in args.paths:
         try:
-            key = parse_push_path(path, args.prefix)
+            # as the plugin keys it: by the path Kong forwards
+            key = parse_push_path(forwarded_path(path), args.prefix)
             if key is None:
                 print(f"{path}\tnot a push path (left to the route's upstream)")
                 continue

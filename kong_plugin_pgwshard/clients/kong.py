@@ -125,6 +125,13 @@ class KongAdmin:
         status, _ = self.request("POST", "/config?check_hash=1", {"config": json.dumps(declarative)}, ok=(201, 304))
         return status != 304
 
+    def configuration_hash(self) -> str | None:
+        """The hash of the declarative config a DB-less node runs (GET /status,
+        kong/api/routes/health.lua); None where Kong gives none (a node with a database)."""
+        _, status = self.request("GET", "/status")
+        found = status.get("configuration_hash") if isinstance(status, dict) else None
+        return found if isinstance(found, str) else None
+
 
 def new_upstream(name: str) -> dict:
     """An upstream pgwshard-sync creates. `hash_on: path` (Kong then uses consistent-hashing):

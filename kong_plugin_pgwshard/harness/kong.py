@@ -91,15 +91,18 @@ class Kong:
 
     def __init__(self, settings: dict[str, str], plugin_lines: str | Path | None = None,
                  binary: str | None = None, name: str = "kong", status: bool = True,
-                 admin: bool = True, proxy: bool = True):
+                 admin: bool = True, proxy: bool = True, env: dict[str, str] | None = None):
         """settings: kong.conf keys beside the plugin lines (database, declarative_config, role,
         ...; they win over the plugin lines); plugin_lines: the kong.conf whose lines users copy
         (kong/kong.conf), its paths /usr/local/kong and /usr/local/bin/pgwshard-plugin replaced by
-        this node's prefix and the installed server; status/admin/proxy: listen on a free port."""
+        this node's prefix and the installed server; status/admin/proxy: listen on a free port;
+        env: variables added to the environment `kong` runs in (its nginx workers, and the plugin
+        server they start, keep only those an `nginx_main_env` line names)."""
         self.binary = binary or kong_binary()
         if self.binary is None:
             raise RuntimeError(f"no Kong: run .ci/build-kong.sh or set {KONG_ENV}")
         self.name = name
+        self.env = dict(env or {})
         self.prefix = temp_dir(f"pgwshard-{name}-")
         self.proxy_port = free_port() if proxy else None
         self.admin_port = free_port() if admin else None
@@ -161,7 +164,7 @@ class Kong:
         """`kong ARGS`, its output captured; raises with Kong's words when it fails and check."""
         assert self.binary is not None
         done = subprocess.run([self.binary, *args], capture_output=True, text=True, timeout=timeout,
-                              env=_kong_env(), stdin=subprocess.DEVNULL)
+                              env={**_kong_env(), **self.env}, stdin=subprocess.DEVNULL)
         if check and done.returncode != 0:
             raise RuntimeError(f"kong {' '.join(args)} failed ({done.returncode}): {done.stderr[-3000:]}"
                                f"{done.stdout[-1000:]}\n{self.error_log()[-3000:]}")
@@ -208,6 +211,11 @@ class Kong:
         except (OSError, ValueError):
             return None
         return pid if _alive(pid) else None
+
+    def plugin_server_environ(self, pid: int) -> dict[str, str]:
+        """The environment a plugin server of this node runs with (/proc/PID/environ)."""
+        raw = (Path("/proc") / str(pid) / "environ").read_bytes()
+        return dict(item.decode("utf-8", "replace").partition("=")[::2] for item in raw.split(b"\0") if item)
 
     def plugin_server_pids(self) -> list[int]:
         """The plugin servers running for this node (two for a moment during a reload)."""

@@ -16,6 +16,7 @@ from typing import Any
 
 from .. import __version__
 from ..core.grouping import bad_push_path_message, parse_push_path
+from ..core.kong_uri import forwarded_path
 from ..core.ring import Member, Ring
 from ..errors import GroupingKeyError, NoMembersError
 from .config import FIELDS, PluginConfig, kong_schema
@@ -101,7 +102,8 @@ class Plugin:
             self._memo_ring = ring
         owner = self._owners.get(path)
         if owner is None:
-            key = parse_push_path(path, self.config.route_prefix)
+            # the key of the path the pushgateway will receive: Kong forwards it normalized
+            key = parse_push_path(forwarded_path(path), self.config.route_prefix)
             if key is None:
                 return None
             owner = ring.owner(key)

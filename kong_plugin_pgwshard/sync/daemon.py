@@ -49,6 +49,9 @@ SINK_BACKOFF_SECONDS = (0.5, 1.0, 2.0, 5.0, 10.0)
 SINK_RESYNC_SECONDS = 30.0
 # How often the Kong nodes are asked whether they started or reloaded (kong_nodes.py).
 KONG_NODES_POLL_SECONDS = 2.0
+# How often an idle sink asks its target whether it still holds what it took (DeclarativeSink:
+# one GET /status per node): a Kong node that reloaded its file is put back within this.
+DRIFT_CHECK_SECONDS = 2.0
 
 
 class Damper:
@@ -138,10 +141,21 @@ class SinkWorker:
 
     def _run(self) -> None:
         failures = 0
+        next_drift_check = 0.0
         while not self.stop.is_set():
             with self._cond:
-                if self._wanted is None:
+                idle = self._wanted is None
+                if idle:
                     self._cond.wait(0.5)  # bounded, so that `stop` is seen
+            if idle:
+                # a sink whose target can drift from what it took (a Kong node that reloaded its
+                # own file) is checked between changes, not only at the resync
+                if time.monotonic() >= next_drift_check:
+                    next_drift_check = time.monotonic() + DRIFT_CHECK_SECONDS
+                    self._check_drift()
+                continue
+            with self._cond:
+                if self._wanted is None:
                     continue
                 members, self._wanted, self._working = self._wanted, None, True
             ok = self._apply(members)
@@ -156,6 +170,18 @@ class SinkWorker:
                 continue
             self.stop.wait(self.backoff[min(failures, len(self.backoff) - 1)])
             failures += 1
+
+    def _check_drift(self) -> None:
+        drifted = getattr(self.sink, "drifted", None)
+        if drifted is None or self.synced is None:
+            return
+        try:
+            if drifted():
+                with self._cond:
+                    if self._wanted is None:
+                        self._wanted = self.synced
+        except Exception:  # noqa: BLE001 - a check's bug must not stop the sink
+            log.exception("sink %s: drift check failed", self.name)
 
     def _apply(self, members: frozenset[Member]) -> bool:
         try:

@@ -72,7 +72,11 @@ def _member_name(target: str) -> str:
 class DeclarativeSink:
     """Kong DB-less: the user's declarative file with the upstream's targets replaced, POSTed to
     /config of every node. Every node is tried; the failures are reported together. A node that
-    answered 429 (still loading a previous config) is left alone for its Retry-After."""
+    answered 429 (still loading a previous config) is left alone for its Retry-After.
+
+    A node that goes back to its own declarative_config file (`kong reload`, a restart: seen in
+    Kong 3.9.3) runs the file's targets again; `drifted` notices by the configuration hash the
+    node reports, so that the daemon loads ours again without waiting for its next resync."""
 
     def __init__(self, nodes: Sequence[KongAdmin], declarative_file: str, upstream: str,
                  clock: Callable[[], float] = time.monotonic):
@@ -80,6 +84,7 @@ class DeclarativeSink:
         self.name = f"kong-declarative {declarative_file}"
         self._clock = clock
         self._busy_until: dict[str, float] = {}  # node url -> when its Retry-After ends
+        self._loaded: dict[str, str] = {}  # node url -> configuration hash it reported after our load
 
     def render(self, members: Sequence[Member]) -> dict:
         """The user's declarative config, re-read each time, with only this upstream's targets replaced."""
@@ -106,6 +111,7 @@ class DeclarativeSink:
             try:
                 if node.post_config(doc):
                     log.info("loaded %d targets into %s", len(members), node.url)
+                self._remember_hash(node)
             except KongBusy as err:
                 self._busy_until[node.url] = self._clock() + err.retry_after
                 failures.append(str(err))
@@ -113,6 +119,34 @@ class DeclarativeSink:
                 failures.append(str(err))
         if failures:
             raise UpstreamError("; ".join(failures))
+
+
+    def _remember_hash(self, node: KongAdmin) -> None:
+        try:
+            loaded = node.configuration_hash()
+        except UpstreamError:
+            loaded = None  # unknown: no drift check for this node until the next load
+        if loaded:
+            self._loaded[node.url] = loaded
+        else:
+            self._loaded.pop(node.url, None)
+
+    def drifted(self) -> bool:
+        """A node runs another config than the one we loaded into it (it reloaded its file). A
+        node that does not answer is not drifted: the next resync or change reports it."""
+        for node in self.nodes:
+            ours = self._loaded.get(node.url)
+            if ours is None:
+                continue
+            try:
+                now = node.configuration_hash()
+            except UpstreamError:
+                continue
+            if now != ours:
+                log.warning("%s runs another config than the one loaded into it (kong reload or restart?): "
+                            "loading it again", node.url)
+                return True
+        return False
 
 
 class FileSdSink:

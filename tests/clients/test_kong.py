@@ -21,7 +21,7 @@ KONG_SPELLINGS = [
 ]
 
 
-def test_the_double_spells_targets_as_kong_does():
+def test_the_double_spells_targets_as_its_reading_of_targets_lua():
     for given, kong in KONG_SPELLINGS:
         assert kong_target(given) == kong, given
     # no port: Kong's default 8000; an address Kong refuses: None
@@ -173,3 +173,23 @@ def test_the_status_api_serves_the_targets_and_refuses_writes(kong_admin):
     with pytest.raises(UpstreamError, match="404"):
         api.post_config({"_format_version": "3.0"})
     assert status.target_names("pgw") == ["a:1"]
+
+
+def test_the_admin_api_double_answers_as_kong_3_9_3_recorded(kong_admin):
+    """The double against tests/vectors/kong-3.9.3.json, which tests/kong/test_kong_recordings.py
+    holds to real Kong: a DB-less node's Admin API and its Status API, the same calls."""
+    from tests.support import kong_recordings as rec
+
+    admin, status = kong_admin(db_less=True), kong_admin(status_api=True)
+    status.load_config(rec.config())
+    recorded = rec.load()
+    doc = {"config": __import__("json").dumps(rec.config())}
+    client = KongAdmin(admin.url)
+    try:
+        sent = [client.post_config(rec.config()), client.post_config(rec.config())]
+    finally:
+        client.close()
+    assert [201 if loaded else 304 for loaded in sent] == recorded["config: new, then the same with check_hash"]
+    assert doc  # the client sends the config as a string, as the recording did
+    played = rec.play({"admin": admin.url, "status": status.url})
+    assert played == {name: recorded[name] for name in played}

@@ -172,7 +172,7 @@ def test_a_config_change_starts_a_new_instance_and_closes_the_old(stack):
     assert 1 <= len(status["Plugins"]["pgwshard"]["Instances"]) <= 2  # one per worker: old ones closed
 
 
-def test_a_config_the_plugin_refuses_fails_requests_as_kong_does_until_it_is_fixed(stack):
+def test_a_config_the_plugin_refuses_fails_the_hosts_requests_until_it_is_fixed(stack):
     """Kong starts an instance for a new config on every request (plugin.lua, a new __seq__) and
     a failed start raises: 500, not the old config's routing (the host kept the old instance)."""
     pgws, server, host = stack

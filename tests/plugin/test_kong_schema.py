@@ -1,4 +1,7 @@
-"""The plugin's schema and every shipped plugin config pass Kong 3.9.3's own schema rules.
+"""The plugin's schema and every shipped plugin config pass our reading of Kong 3.9.3's schema
+rules (kong_schema_rules.py: rule tests, no Kong). Real Kong shows the same in tests/kong/:
+test_kong_dbless.py starts on the dumped schema and the shipped kong.yml, takes docker/kong.yml,
+and refuses bad plugin configs with the plugin's own field names.
 
 Kong validates the `Schema` of `pgwshard-plugin --dump` when it starts (a rejected schema stops
 Kong) and every plugin config against it; kong_schema_rules.py states those rules from Kong's
@@ -38,7 +41,7 @@ def _config_field(schema: dict, name: str) -> dict:
     return field
 
 
-def test_the_dumped_schema_passes_kongs_metaschema(schema):
+def test_the_dumped_schema_passes_the_metaschema_rules(schema):
     assert schema_errors(schema) == []
 
 
@@ -114,7 +117,7 @@ def test_the_shipped_files_hold_plugin_configs():
 
 
 @pytest.mark.parametrize("source, plugin", SHIPPED, ids=[s for s, _ in SHIPPED])
-def test_every_shipped_plugin_config_passes_kongs_rules_and_the_plugin(schema, source, plugin):
+def test_every_shipped_plugin_config_passes_the_schema_rules_and_the_plugin(schema, source, plugin):
     assert config_errors(schema, plugin["config"], plugin.get("protocols")) == []
     PluginConfig.from_kong(plugin["config"])
 
@@ -131,7 +134,7 @@ def test_every_shipped_plugin_config_passes_kongs_rules_and_the_plugin(schema, s
     ({"nodes": ["a:1"], "admin_url": 80}, "admin_url"),
     ({"nodes": ["a:1"], "route_prefx": "/p"}, "route_prefx"),
 ])
-def test_kong_and_the_plugin_refuse_the_same_configs(schema, config, key):
+def test_the_schema_rules_and_the_plugin_refuse_the_same_configs(schema, config, key):
     """One statement of the rules: what Kong refuses, the plugin refuses too, naming the key."""
     assert any(key in e for e in config_errors(schema, config)), config_errors(schema, config)
     with pytest.raises(ConfigError, match=f"at '{re.escape(key)}'"):
@@ -144,6 +147,6 @@ def test_kong_and_the_plugin_refuse_the_same_configs(schema, config, key):
     {"membership": "upstream", "upstream": "pushgateways", "admin_token": "{vault://env/kong-admin-token}"},
     {"membership": "file", "membership_file": "/etc/pgw.json", "refresh_interval": 0.5},
 ])
-def test_kong_and_the_plugin_accept_the_same_configs(schema, config):
+def test_the_schema_rules_and_the_plugin_accept_the_same_configs(schema, config):
     assert config_errors(schema, config) == []
     PluginConfig.from_kong(config)

@@ -340,7 +340,7 @@ def test_the_plugin_accepts_every_key_kong_injects(rpc):
     assert run_access(rpc, iid, Request("/metrics/job/x")).target == _owner("/metrics/job/x")
 
 
-def test_kong_sends_defaults_filled_and_unset_fields_absent():
+def test_the_driver_sends_defaults_filled_and_unset_fields_absent():
     conf = kong_config(KONG_SCHEMA, {"nodes": NODES}, plugin_id=PLUGIN_ID, seq=1)
     assert conf["membership"] == "static" and conf["route_prefix"] == "" and conf["refresh_interval"] == 2
     # cjson.encode drops nil keys: never null for an unset field or a missing route/service
@@ -375,7 +375,7 @@ def test_a_restarted_server_hands_out_ids_a_stale_one_cannot_reach(tmp_path):
         second.stop()
 
 
-def test_kong_restarts_the_instance_when_seq_changes_and_after_a_server_restart():
+def test_the_driver_restarts_the_instance_when_seq_changes_and_after_a_server_restart():
     """kong/runloop/plugin_servers/plugin.lua get_instance_id and mp_rpc.lua handle_event, driven
     by harness KongPlugin: a new __seq__ starts a new instance and closes the old; a respawned
     server answers the cached id "no plugin instance", and Kong starts one again and retries."""
@@ -407,7 +407,7 @@ def test_kong_restarts_the_instance_when_seq_changes_and_after_a_server_restart(
         second.stop()
 
 
-def test_a_failed_start_is_500_and_a_failed_event_leaves_the_request_to_the_route(tmp_path):
+def test_the_driver_answers_500_for_a_failed_start_and_leaves_a_failed_event_to_the_route(tmp_path):
     from kong_plugin_pgwshard.harness.kong_rpc import KongPlugin
     from kong_plugin_pgwshard.harness.processes import PluginServer
 

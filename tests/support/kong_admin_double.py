@@ -109,6 +109,17 @@ def _is_uuid(text: str) -> bool:
         return False
 
 
+# kong/db/schema/others/declarative_config.lua generate_uuid: a v5 uuid of the entity's key in a
+# namespace that is itself the v5 uuid of the entity's name in this one
+_DECLARATIVE_NAMESPACE = uuid.UUID("fd02801f-0957-4a15-a55a-c8d9606f30b5")
+
+
+def _declarative_id(entity: str, key: str) -> str:
+    """The id Kong gives an entity of a declarative config that names none (get_key_for_uuid_gen:
+    an upstream by its name, a target by its cache key). Targets listed at once are ordered by it."""
+    return str(uuid.uuid5(uuid.uuid5(_DECLARATIVE_NAMESPACE, entity), key))
+
+
 def _now_ms() -> float:
     # kong/db/schema/typedefs.lua auto_timestamp_ms: seconds with millisecond precision
     return round(time.time(), 3)
@@ -197,7 +208,7 @@ class KongAdminDouble:
         upstreams, targets = {}, {}
         for upstream in doc.get("upstreams") or []:
             # kong/db/schema/others/declarative_config.lua: ids derive from the entity's key
-            uid = upstream.get("id") or str(uuid.uuid5(uuid.NAMESPACE_URL, f"upstreams:{upstream['name']}"))
+            uid = upstream.get("id") or _declarative_id("upstreams", upstream["name"])
             upstreams[upstream["name"]] = {**{k: v for k, v in upstream.items() if k != "targets"}, "id": uid}
             now = _now_ms()  # declarative_config.lua: created_at filled once, at load time
             targets[upstream["name"]] = []
@@ -205,7 +216,8 @@ class KongAdminDouble:
                 normalised = kong_target(str(t.get("target", "")))
                 if normalised is None:
                     raise ValueError(f"target {t.get('target')!r}: {INVALID_TARGET}")
-                tid = t.get("id") or str(uuid.uuid5(uuid.NAMESPACE_URL, f"targets:{uid}:{normalised}"))
+                # the target as written, before Kong normalises it; "*": no workspace given
+                tid = t.get("id") or _declarative_id("targets", f"targets:*:{uid}:{t.get('target', '')}")
                 targets[upstream["name"]].append({
                     "id": tid, "target": normalised, "weight": int(t.get("weight", 100)), "upstream": {"id": uid},
                     "created_at": now, "updated_at": now, "tags": t.get("tags")})
@@ -270,6 +282,10 @@ class KongAdminDouble:
                     return self._upstreams(method, parts, query, body)
                 if parts == ["config"]:
                     return self._config(method, query, body, raw)
+                if parts == ["status"] and method == "GET":
+                    # kong/api/routes/health.lua: a DB-less node adds the hash of its config
+                    extra = {"configuration_hash": double.config_hash} if double.db_less else {}
+                    return self._send(200, {"server": {}, "memory": {}, **extra})
                 return self._send(404, NOT_FOUND)  # kong/api/routes/targets.lua: /targets is disabled too
 
             def _status_api(self, method, parts, query):

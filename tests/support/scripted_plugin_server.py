@@ -12,6 +12,7 @@ A method the script does not name gets RPCError("no method"). Every call is reco
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -55,11 +56,14 @@ def ret(event_id: int = 1) -> dict:
 
 
 class ScriptedPluginServer:
-    def __init__(self, script: dict[str, list]):
+    def __init__(self, script: dict[str, list], path: str | None = None):
+        """path: where to listen (another server's socket is replaced); default: a new directory."""
         self.script = {method: list(answers) for method, answers in script.items()}
-        directory = temp_dir("pgwshard-scripted-")
-        os.chmod(directory, 0o711)  # nginx workers (never root) pass through to the socket
-        self.path = os.path.join(directory, "pgwshard.sock")
+        if path is None:
+            directory = temp_dir("pgwshard-scripted-")
+            os.chmod(directory, 0o711)  # nginx workers (never root) pass through to the socket
+            path = os.path.join(directory, "pgwshard.sock")
+        self.path = path
         self.calls: list[tuple[str, list]] = []
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
@@ -67,6 +71,8 @@ class ScriptedPluginServer:
 
     def start(self) -> ScriptedPluginServer:
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if os.path.exists(self.path):
+            os.remove(self.path)
         self._listener.bind(self.path)
         os.chmod(self.path, 0o666)  # nginx workers run as another user
         self._listener.listen(64)
@@ -78,6 +84,11 @@ class ScriptedPluginServer:
             sockets, self._clients = [self._listener, *self._clients], []
         for s in sockets:
             if s is not None:
+                # shutdown first: close() alone does not end a connection another thread is
+                # blocked reading, and the gateway would keep it pooled, dead (Kong then answered
+                # "no data" on its next call there)
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
                 s.close()
 
     def methods(self) -> list[str]:

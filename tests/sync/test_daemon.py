@@ -415,3 +415,41 @@ def test_a_copy_recreated_on_the_old_owner_after_a_change_is_moved_by_the_follow
         put(pgws[0], theirs[0], 2)  # a gateway still on the old membership
         wait_until(lambda: held(pgws[1]).get(str(theirs[0])) == 2 and str(theirs[0]) not in held(pgws[0]),
                    15, what="the late push moved to the owner by the follow-up pass")
+
+
+def test_a_sink_worker_gives_a_drifted_sink_its_last_set_again_between_changes():
+    import threading
+
+    from prometheus_client import CollectorRegistry
+
+    from kong_plugin_pgwshard.harness.processes import wait_until
+    from kong_plugin_pgwshard.sync.daemon import SinkWorker
+    from kong_plugin_pgwshard.sync.metrics import DaemonMetrics
+
+    class Drifting:
+        name = "drifting"
+
+        def __init__(self):
+            self.applied: list[list[str]] = []
+            self.drift = threading.Event()
+
+        def apply(self, members):
+            self.applied.append([m.name for m in members])
+
+        def drifted(self) -> bool:
+            if self.drift.is_set():
+                self.drift.clear()
+                return True
+            return False
+
+    sink, stop = Drifting(), threading.Event()
+    worker = SinkWorker(sink, DaemonMetrics(CollectorRegistry()), stop)
+    worker.start()
+    try:
+        worker.offer(frozenset({Member.parse("a:1")}))
+        wait_until(lambda: sink.applied == [["a:1"]], 10, what="the set applied")
+        sink.drift.set()  # e.g. a Kong node that reloaded its own file
+        wait_until(lambda: sink.applied == [["a:1"], ["a:1"]], 10, what="the set applied again")
+    finally:
+        stop.set()
+        worker.join(5)

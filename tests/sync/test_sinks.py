@@ -178,6 +178,20 @@ def test_declarative_sink_leaves_a_busy_node_alone_for_its_retry_after(kong_admi
     assert free.writes == [("POST", "/config")]
 
 
+def test_declarative_sink_notices_a_node_that_reloaded_its_own_file(kong_admin, tmp_path):
+    # Kong 3.9.3's `kong reload` loads declarative_config again (tests/kong/test_kong_membership.py)
+    node, other = kong_admin(db_less=True), kong_admin(db_less=True)
+    sink = DeclarativeSink([KongAdmin(node.url), KongAdmin(other.url)], str(_user_config(tmp_path)), "pushgateways")
+    sink.apply([A])
+    assert sink.drifted() is False
+    node.config_hash = "the file's hash"  # what a reload leaves: another config
+    assert sink.drifted() is True
+    sink.apply([A])  # loaded again (201: the node's hash is not ours)
+    assert node.target_names("pushgateways") == [A.name] and sink.drifted() is False
+    other.stop()  # a node that does not answer is no drift: the next apply reports it
+    assert sink.drifted() is False
+
+
 def test_file_sd_sink_writes_atomically(tmp_path):
     path = tmp_path / "sd" / "pushgateways.json"
     sink = FileSdSink(FileSdSettings(str(path), {"env": "test"}))
