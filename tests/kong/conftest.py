@@ -97,7 +97,7 @@ class DblessGateway:
         }
         if self.deletes_port:
             settings["deletes"] = {"listen": f"127.0.0.1:{self.deletes_port}",
-                                  "tombstone_file": f"{self.dir}/tombstones.json"}
+                                  "tombstone_file": f"{self.dir}/tombstones"}
         settings.update(self.sync_settings)
         with open(config, "w") as f:
             yaml.safe_dump(settings, f)
