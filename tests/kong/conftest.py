@@ -113,3 +113,19 @@ class DblessGateway:
         for part in (self.sync, self.kong, *self.pgws):
             if part is not None:
                 part.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres(kong_bin):
+    """One throwaway PostgreSQL cluster for the session's DB-mode and hybrid Kongs (each
+    topology makes its own database in it). Fails under CI=true without PostgreSQL."""
+    from kong_plugin_pgwshard.harness.postgres import Postgres, postgres_bin
+
+    if postgres_bin() is None:
+        how = "no PostgreSQL: apt-get install postgresql-15, or set PGWSHARD_PG_BIN"
+        if os.environ.get("CI"):
+            pytest.fail(how)
+        pytest.skip(how)
+    cluster = Postgres().start()
+    yield cluster
+    cluster.stop()
