@@ -82,7 +82,8 @@ def test_a_dead_pushgateway_leaves_every_nodes_ring_and_rejoins(db):
     db.wait_targets({p.address for p in db.pgws[:2]})
     # each node's plugin reads its Admin API every refresh_interval (2 s): until then, 502
     for node in db.proxies:
-        wait_until(lambda: all(http_request(node.proxy_url + p, "PUT", BODY, timeout=15)[0] == 200 for p in paths),
+        wait_until(lambda node=node: all(http_request(node.proxy_url + p, "PUT", BODY, timeout=15)[0] == 200
+                                         for p in paths),
                    15, interval=0.2, what=f"{node.name} routing around {victim.address}")
     assert db.misplaced(paths) == {}
     victim.start()
@@ -179,7 +180,7 @@ def test_kong_answers_the_admin_api_calls_as_the_double_does(db):
     finally:
         double.stop()
     assert len(kong) == len(mine)
-    differ = [(k, m) for k, m in zip(kong, mine) if k != m]
+    differ = [(k, m) for k, m in zip(kong, mine, strict=True) if k != m]
     assert differ == [], json.dumps(differ[:3])[:3000]
     # what the answers show, read plainly
     statuses = {(m, p): s for m, p, s, _ in kong}

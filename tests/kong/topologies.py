@@ -205,7 +205,7 @@ class Topology:
                     return False
             return True
         for node in self.proxies:
-            wait_until(lambda: active(node), timeout, interval=0.2, what=f"the plugin on {node.name}")
+            wait_until(lambda node=node: active(node), timeout, interval=0.2, what=f"the plugin on {node.name}")
 
     def routed_to_owners(self, paths: list[str]) -> bool:
         """Pushes of `paths` through every node all land on their owner only, from empty
@@ -328,12 +328,18 @@ class HybridTopology(Topology):
         dp.write_conf()
         return dp
 
-    def start_data_plane(self, dp: Kong) -> None:
+    def add_data_plane(self, kong_bin: str, wait: bool = True) -> Kong:
+        dp = self._data_plane(kong_bin, len(self.proxies))
+        self.proxies.append(dp)
+        self.start_data_plane(dp, wait)
+        return dp
+
+    def start_data_plane(self, dp: Kong, wait: bool = True) -> None:
         if not self.kong_starts:
             server = self.plugin_server(dp)
             if not server.running:
                 server.start()
-        dp.start()
+        dp.start(wait)
 
     def plugin_server(self, dp: Kong) -> PluginServer:
         (server,) = [s for s in self.others if isinstance(s, PluginServer) and s.prefix == dp.prefix]
