@@ -71,7 +71,7 @@ def test_pushes_land_on_their_owner_only_through_every_node(db):
         key = GroupingKey.from_labels({"job": "db-client", "instance": f"c{n}"})
         assert db.holders(key) == [db.ring().owner(key).name]
     for node in db.proxies:
-        assert db.error_lines(node) == []
+        assert node.error_lines() == []
 
 
 def test_a_dead_pushgateway_leaves_every_nodes_ring_and_rejoins(db):

@@ -8,12 +8,15 @@ beside Kong, not started by it); and why those lines: with Kong starting the plu
 the data plane, RPC never gets it a config."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from kong_plugin_pgwshard.core.grouping import parse_push_path
 from kong_plugin_pgwshard.harness.processes import http_get, http_request, wait_until
+from tests.support.kong_admin_double import KongAdminDouble
 
-from .test_kong_db_mode import PATHS, owned_by
+from .test_kong_db_mode import PATHS, _comparable, owned_by
 from .topologies import BODY, HybridTopology, admin
 
 pytestmark = pytest.mark.kong
@@ -37,7 +40,7 @@ def test_pushes_land_on_their_owner_only_through_every_data_plane(hybrid):
     assert hybrid.push_everywhere(PATHS) == {}
     assert hybrid.misplaced(PATHS) == {}
     for node in (*hybrid.proxies, hybrid.cp):
-        assert hybrid.error_lines(node) == []
+        assert node.error_lines() == []
     if hybrid.rpc:  # the supervised plugin server is the one Kong talks to, and Kong started none
         assert all(not dp.plugin_server_pids() for dp in hybrid.proxies)
         assert all(hybrid.plugin_server(dp).running for dp in hybrid.proxies)
@@ -80,12 +83,8 @@ def test_the_plugin_config_set_on_the_control_plane_reaches_the_data_planes_plug
     """A config change on the CP's Admin API: every DP's plugin server runs the new config
     (here `membership: static` with one node: every push then lands there), and the old back."""
     hybrid.clear()
-    _, found = admin(hybrid.cp.admin_url, "GET", "/plugins?name=pgwshard")
-    (plugin,) = found["data"]
     only = hybrid.pgws[2].address
-    status, body = admin(hybrid.cp.admin_url, "PATCH", f"/plugins/{plugin['id']}",
-                         {"config": {"membership": "static", "nodes": [only]}})
-    assert status == 200, body
+    hybrid.patch_plugin({"membership": "static", "nodes": [only]})
     try:
         def all_on_one() -> bool:
             hybrid.clear()
@@ -93,9 +92,7 @@ def test_the_plugin_config_set_on_the_control_plane_reaches_the_data_planes_plug
                 hybrid.holders(parse_push_path(p)) == [only] for p in PATHS[:12])
         wait_until(all_on_one, 30, interval=0.2, what="the static config on every data plane")
     finally:
-        status, body = admin(hybrid.cp.admin_url, "PATCH", f"/plugins/{plugin['id']}",
-                             {"config": {"membership": "upstream", "nodes": []}})
-        assert status == 200, body
+        hybrid.patch_plugin({"membership": "upstream", "nodes": []})
     wait_until(lambda: hybrid.routed_to_owners(PATHS[:12]), 30, interval=0.2, what="membership: upstream again")
 
 
@@ -137,3 +134,32 @@ def test_with_rpc_a_data_plane_that_starts_the_plugin_server_gets_no_config(kong
         assert http_get(dp.status_url + "/status/ready")[0] != 200
     finally:
         topo.stop()
+
+
+def _status_exchange(url: str) -> list:
+    """What a data plane's Status API answers to the plugin's read and to what it must refuse."""
+    answers = []
+    for method, path in (("GET", "/upstreams/pushgateways/targets"), ("GET", "/upstreams/pushgateways/targets?size=2"),
+                         ("GET", "/upstreams/pushgateways/targets?offset=2&size=2"),
+                         ("POST", "/upstreams/pushgateways/targets"), ("DELETE", "/upstreams/pushgateways/targets/x:1"),
+                         ("GET", "/upstreams/nosuch/targets"), ("GET", "/upstreams"), ("POST", "/config")):
+        status, doc = admin(url, method, path, {"target": "127.0.0.1:1"} if method == "POST" else None)
+        comparable = _comparable(doc)
+        if isinstance(comparable, dict) and isinstance(comparable.get("data"), list):
+            comparable["data"] = sorted(comparable["data"]) if len(doc["data"]) > 2 else len(doc["data"])
+        answers.append((method, path, status, comparable))
+    return answers
+
+
+def test_a_data_planes_status_api_answers_as_the_double_does(hybrid):
+    dp = hybrid.proxies[0]
+    kong = _status_exchange(dp.status_url)
+    double = KongAdminDouble(status_api=True).start()
+    try:
+        double.load_config({"_format_version": "3.0", "upstreams": [
+            {"name": "pushgateways", "targets": [{"target": p.address} for p in hybrid.pgws]}]})
+        mine = _status_exchange(double.url)
+    finally:
+        double.stop()
+    differ = [(k, m) for k, m in zip(kong, mine, strict=True) if k != m]
+    assert differ == [], json.dumps(differ)[:3000]

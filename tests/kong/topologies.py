@@ -46,14 +46,6 @@ README = REPO / "README.md"
 UPSTREAM = "pushgateways"
 BODY = b"# TYPE kong_items counter\nkong_items 3\n"
 
-# Kong 3.9.3's own [error] lines in hybrid runs that are fine (beside harness/kong.py's KONG_NOISE)
-HYBRID_NOISE = (
-    # a data plane whose control plane is away (stopped on purpose) retries its connection
-    re.compile(r"clustering.*(connection refused|closed|timeout|failed to connect|unable to)", re.I),
-    re.compile(r"\[clustering\].*(connection|ping|handshake)", re.I),
-)
-
-
 def readme_blocks(heading: str) -> tuple[list[dict[str, str]], list[dict]]:
     """The kong.conf blocks (4-space indented `key = value` lines) and YAML blocks of README's
     paragraph starting with `**<heading>**`, in order: what a user copies for that topology."""
@@ -132,15 +124,16 @@ class Topology:
         self.pgwshard_yml: dict = {}
 
     # -- pgwshard-sync, from README's pgwshard.yml lines --------------------------------------
-    def start_sync(self, weights: dict[str, int] | None = None) -> ManagedProcess:
+    def start_sync(self, weights: dict[str, int] | None = None, probes: dict | None = None) -> ManagedProcess:
         """pgwshard-sync with README's `kong:` section (mode admin, the writer's Admin API),
-        probes at the shipped defaults, the pushgateways with `weights` ({address: weight})."""
+        probes at the shipped defaults (or `probes`), the pushgateways with `weights`
+        ({address: weight})."""
         assert self.writer is not None
         settings = json.loads(json.dumps(self.pgwshard_yml))
         settings["kong"]["admin_url"] = self.writer.admin_url
         settings.update({
             "pushgateways": [{"address": p.address, "weight": (weights or {}).get(p.address, 100)} for p in self.pgws],
-            "health": {"source": "probes"},
+            "health": {"source": "probes", **({"probes": probes} if probes else {})},
             "rebalance": {"enabled": False},
             "metrics": {"listen": "127.0.0.1:0"},
         })
@@ -149,6 +142,15 @@ class Topology:
         self.sync = ManagedProcess("pgwshard-sync", [sys.executable, "-m", "kong_plugin_pgwshard.sync.daemon",
                                                      "--config", path]).start()
         return self.sync
+
+    def patch_plugin(self, config: dict) -> None:
+        """Change the pgwshard plugin's config through the writer's Admin API (a node, or the CP)."""
+        assert self.writer is not None
+        _, found = admin(self.writer.admin_url, "GET", "/plugins?name=pgwshard")
+        assert found is not None
+        (plugin,) = found["data"]
+        status, body = admin(self.writer.admin_url, "PATCH", f"/plugins/{plugin['id']}", {"config": config})
+        assert status == 200, body
 
     def stop_sync(self) -> None:
         if self.sync is not None:
@@ -222,9 +224,6 @@ class Topology:
                     http_request(p.url + key.path(), "DELETE")
         wait_until(lambda: all(not p.groups() for p in self.pgws if p.running), 10, what="pushgateways empty")
 
-    def error_lines(self, node: Kong, since: int = 0) -> list[str]:
-        return [line for line in node.error_lines(since) if not any(p.search(line) for p in HYBRID_NOISE)]
-
     def stop(self) -> None:
         self.stop_sync()
         for part in (*self.proxies, self.writer, *self.others, *self.pgws):
@@ -273,9 +272,9 @@ class HybridTopology(Topology):
     each data plane's plugin server supervised beside Kong as README says for that case."""
 
     def __init__(self, kong_bin: str, pg: Postgres, database: str, data_planes: int = 2, rpc: bool = False,
-                 kong_starts_plugin_server: bool | None = None):
+                 kong_starts_plugin_server: bool | None = None, cp_settings_extra: dict[str, str] | None = None):
         """kong_starts_plugin_server: keep `pluginserver_pgwshard_start_cmd` on the data planes
-        (default: unless rpc, as README says)."""
+        (default: unless rpc, as README says); cp_settings_extra: more kong.conf keys for the CP."""
         super().__init__()
         try:
             confs, _ = readme_blocks("Hybrid (control plane and data planes).")
@@ -291,7 +290,7 @@ class HybridTopology(Topology):
             if rpc:
                 cp_settings.update(readme_blocks("Hybrid with incremental sync.")[0][0])
             cp = Kong({}, KONG_CONF, kong_bin, name="cp", proxy=False, status=False)
-            cp.settings.update({**cp_settings, "admin_listen": cp.settings["admin_listen"]})
+            cp.settings.update({**cp_settings, "admin_listen": cp.settings["admin_listen"], **(cp_settings_extra or {})})
             cp.write_conf()
             self.writer = self.cp = cp
             self.shared_status_port = free_port()
