@@ -20,7 +20,7 @@ from kong_plugin_pgwshard.harness.processes import free_port, http_request, wait
 from tests.support import REPO
 from tests.support.kong_admin_double import KongAdminDouble
 
-from .topologies import BODY, UPSTREAM, DbModeTopology, admin
+from .topologies import BODY, UPSTREAM, DbModeTopology, admin, shipped_plugin
 
 pytestmark = pytest.mark.kong
 
@@ -193,11 +193,20 @@ def test_kong_answers_the_admin_api_calls_as_the_double_does(db):
     assert status == 204
 
 
-def test_the_shipped_kong_yml_header_says_how_to_load_it_in_db_mode():
-    header = "\n".join(line for line in (REPO / "kong" / "kong.yml").read_text().splitlines() if line.startswith("#"))
-    assert "kong config db_import" in header
-    assert "/services/pushgateway/plugins" in header  # the plugin through the Admin API
-    # the topology above was loaded exactly that way (topologies.import_shipped_entities)
+def test_the_shipped_kong_yml_header_says_how_to_load_it_in_db_mode(db):
+    """The header's two steps are the ones the topology above was loaded with
+    (topologies.import_shipped_entities, add_shipped_plugin), and its curl body is the plugin
+    the file ships."""
+    header = "\n".join(line.lstrip("# ") for line in (REPO / "kong" / "kong.yml").read_text().splitlines()
+                       if line.startswith("#"))
+    assert "kong config db_import kong-without-plugin.yml -c /etc/kong/db-only.conf" in header
+    assert "curl -sS -X POST http://127.0.0.1:8001/services/pushgateway/plugins" in header
+    (body,) = re.findall(r"-d '(\{.*\})'", header)
+    plugin = shipped_plugin()
+    assert json.loads(body) == {"name": plugin["name"], "config": plugin["config"]}
+    # and what it made: the plugin on the service, the upstream's targets kept by pgwshard-sync
+    _, found = admin(db.writer.admin_url, "GET", "/services/pushgateway/plugins")
+    assert found is not None and [p["name"] for p in found["data"]] == ["pgwshard"]
 
 
 # -- the service's retries with a pinned target ------------------------------------------------

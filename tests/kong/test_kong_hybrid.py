@@ -41,6 +41,7 @@ def test_pushes_land_on_their_owner_only_through_every_data_plane(hybrid):
     assert hybrid.misplaced(PATHS) == {}
     for node in (*hybrid.proxies, hybrid.cp):
         assert node.error_lines() == []
+    assert not hybrid.cp.plugin_server_pids()  # README: Kong starts none on a control plane
     if hybrid.rpc:  # the supervised plugin server is the one Kong talks to, and Kong started none
         assert all(not dp.plugin_server_pids() for dp in hybrid.proxies)
         assert all(hybrid.plugin_server(dp).running for dp in hybrid.proxies)
