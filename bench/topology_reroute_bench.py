@@ -1,10 +1,10 @@
 """Death to reroute in every Kong topology: seconds from a pushgateway's death (SIGKILL) until a
 push of a group it owned gets 200 through every proxying node, in real Kong 3.9.3.
 
-    PYTHONPATH=. python bench/topology_reroute_bench.py [--trials 5] [--profile shipped|fast|both]
+    python bench/topology_reroute_bench.py [--trials 5] [--profile shipped|fast|both]
         [--topology db|hybrid|hybrid-rpc|all]
 
-The topologies are the tests' (tests/kong/topologies.py: README's lines, two DB-mode nodes or a
+The topologies are the tests' (harness/kong_topologies.py: README's lines, two DB-mode nodes or a
 control plane with two data planes, pgwshard-sync `kong.mode: admin` on probes). What adds up:
 - pgwshard-sync's probes notice the death (`health.probes`: interval x fall; a refused
   connection fails at once) and write the targets (DB mode: a node's Admin API; hybrid: the CP's);
@@ -28,13 +28,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from kong_plugin_pgwshard.core.grouping import parse_push_path
+from kong_plugin_pgwshard.harness.kong import kong_binary
+from kong_plugin_pgwshard.harness.kong_topologies import BODY, DbModeTopology, HybridTopology, Topology
+from kong_plugin_pgwshard.harness.postgres import Postgres
+from kong_plugin_pgwshard.harness.processes import Pushgateway, http_request, wait_until
 
-from kong_plugin_pgwshard.core.grouping import parse_push_path  # noqa: E402
-from kong_plugin_pgwshard.harness.kong import kong_binary  # noqa: E402
-from kong_plugin_pgwshard.harness.postgres import Postgres  # noqa: E402
-from kong_plugin_pgwshard.harness.processes import Pushgateway, http_request, wait_until  # noqa: E402
-from tests.kong.topologies import BODY, DbModeTopology, HybridTopology, Topology  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]  # its README.md and kong/ files are what runs
 
 PROFILES: dict[str, dict] = {
     "shipped": {"probes": None, "refresh_interval": 2, "cp": {}},
@@ -82,9 +82,9 @@ def trial(topo: Topology, victim_index: int, settle: float) -> float:
 def build(name: str, kong: str, pg: Postgres, profile: str) -> Topology:
     database = f"bench_{name.replace('-', '_')}_{profile}"
     if name == "db":
-        topo: Topology = DbModeTopology(kong, pg, database)
+        topo: Topology = DbModeTopology(REPO, kong, pg, database)
     else:
-        topo = HybridTopology(kong, pg, database, rpc=name == "hybrid-rpc", cp_settings_extra=PROFILES[profile]["cp"])
+        topo = HybridTopology(REPO, kong, pg, database, rpc=name == "hybrid-rpc", cp_settings_extra=PROFILES[profile]["cp"])
     settings = PROFILES[profile]
     topo.patch_plugin({"refresh_interval": settings["refresh_interval"]})
     topo.start_sync(probes=settings["probes"])

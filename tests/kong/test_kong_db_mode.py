@@ -16,11 +16,10 @@ from prometheus_client import CollectorRegistry, Counter, push_to_gateway
 
 from kong_plugin_pgwshard.core.grouping import GroupingKey, parse_push_path
 from kong_plugin_pgwshard.core.ring import Member, Ring
+from kong_plugin_pgwshard.harness.kong_topologies import BODY, UPSTREAM, DbModeTopology, admin, shipped_plugin
 from kong_plugin_pgwshard.harness.processes import free_port, http_request, wait_until
 from tests.support import REPO
 from tests.support.kong_admin_double import KongAdminDouble
-
-from .topologies import BODY, UPSTREAM, DbModeTopology, admin, shipped_plugin
 
 pytestmark = pytest.mark.kong
 
@@ -33,7 +32,7 @@ PATHS = [f"/metrics/job/db-fleet/instance/i{n}" for n in range(40)] + [
 
 @pytest.fixture(scope="module")
 def db(kong_bin, postgres):
-    topo = DbModeTopology(kong_bin, postgres, "kong_db_mode")
+    topo = DbModeTopology(REPO, kong_bin, postgres, "kong_db_mode")
     try:
         topo.start_sync()
         topo.wait_targets({p.address for p in topo.pgws})
@@ -195,14 +194,14 @@ def test_kong_answers_the_admin_api_calls_as_the_double_does(db):
 
 def test_the_shipped_kong_yml_header_says_how_to_load_it_in_db_mode(db):
     """The header's two steps are the ones the topology above was loaded with
-    (topologies.import_shipped_entities, add_shipped_plugin), and its curl body is the plugin
+    (harness/kong_topologies.py: import_shipped_entities, add_shipped_plugin), and its curl body is the plugin
     the file ships."""
     header = "\n".join(line.lstrip("# ") for line in (REPO / "kong" / "kong.yml").read_text().splitlines()
                        if line.startswith("#"))
     assert "kong config db_import kong-without-plugin.yml -c /etc/kong/db-only.conf" in header
     assert "curl -sS -X POST http://127.0.0.1:8001/services/pushgateway/plugins" in header
     (body,) = re.findall(r"-d '(\{.*\})'", header)
-    plugin = shipped_plugin()
+    plugin = shipped_plugin(REPO / "kong" / "kong.yml")
     assert json.loads(body) == {"name": plugin["name"], "config": plugin["config"]}
     # and what it made: the plugin on the service, the upstream's targets kept by pgwshard-sync
     _, found = admin(db.writer.admin_url, "GET", "/services/pushgateway/plugins")

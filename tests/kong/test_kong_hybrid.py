@@ -13,11 +13,12 @@ import json
 import pytest
 
 from kong_plugin_pgwshard.core.grouping import parse_push_path
+from kong_plugin_pgwshard.harness.kong_topologies import BODY, HybridTopology, admin
 from kong_plugin_pgwshard.harness.processes import http_get, http_request, wait_until
+from tests.support import REPO
 from tests.support.kong_admin_double import KongAdminDouble
 
 from .test_kong_db_mode import PATHS, _comparable, owned_by
-from .topologies import BODY, HybridTopology, admin
 
 pytestmark = pytest.mark.kong
 
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.kong
 @pytest.fixture(scope="module", params=["classic", "rpc"])
 def hybrid(request, kong_bin, postgres):
     rpc = request.param == "rpc"
-    topo = HybridTopology(kong_bin, postgres, f"kong_hybrid_{request.param}", rpc=rpc)
+    topo = HybridTopology(REPO, kong_bin, postgres, f"kong_hybrid_{request.param}", rpc=rpc)
     try:
         topo.start_sync()
         topo.wait_targets({p.address for p in topo.pgws})
@@ -124,7 +125,7 @@ def test_with_rpc_a_data_plane_that_starts_the_plugin_server_gets_no_config(kong
     """Why README's RPC lines leave `start_cmd` out on data planes: with it, the DP's worker 0
     (the one that syncs) sends a hello cjson cannot encode (its configuration holds the spawned
     plugin server's handle) and the CP fails on it: the DP never gets a config."""
-    topo = HybridTopology(kong_bin, postgres, "kong_hybrid_rpc_start_cmd", data_planes=0, rpc=True,
+    topo = HybridTopology(REPO, kong_bin, postgres, "kong_hybrid_rpc_start_cmd", data_planes=0, rpc=True,
                           kong_starts_plugin_server=True)
     try:
         dp = topo.add_data_plane(kong_bin, wait=False)

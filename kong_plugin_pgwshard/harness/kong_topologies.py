@@ -1,4 +1,5 @@
-"""Kong in DB mode and in hybrid mode, set up from the lines README "Kong topologies" gives:
+"""Kong in DB mode and in hybrid mode, set up from the lines a checkout's README "Kong
+topologies" gives, with its kong/kong.conf and kong/kong.yml:
 pushgateways, PostgreSQL (one session-scoped cluster, one database per topology), Kong nodes or a
 control plane with data planes, and pgwshard-sync (`kong.mode: admin`, probes) writing the
 upstream's targets.
@@ -18,17 +19,11 @@ from pathlib import Path
 
 import yaml
 
-from kong_plugin_pgwshard.core.grouping import GroupingKey, parse_push_path
-from kong_plugin_pgwshard.core.ring import Member, Ring
-from kong_plugin_pgwshard.harness.kong import (
-    Kong,
-    bootstrap_database,
-    cluster_certificate,
-    control_plane_settings,
-    data_plane_settings,
-)
-from kong_plugin_pgwshard.harness.postgres import Postgres
-from kong_plugin_pgwshard.harness.processes import (
+from ..core.grouping import GroupingKey, parse_push_path
+from ..core.ring import Member, Ring
+from .kong import Kong, bootstrap_database, cluster_certificate, control_plane_settings, data_plane_settings
+from .postgres import Postgres
+from .processes import (
     ManagedProcess,
     PluginServer,
     Pushgateway,
@@ -38,18 +33,14 @@ from kong_plugin_pgwshard.harness.processes import (
     temp_dir,
     wait_until,
 )
-from tests.support import REPO
 
-from .conftest import KONG_CONF, KONG_YML
-
-README = REPO / "README.md"
 UPSTREAM = "pushgateways"
 BODY = b"# TYPE kong_items counter\nkong_items 3\n"
 
-def readme_blocks(heading: str) -> tuple[list[dict[str, str]], list[dict]]:
+def readme_blocks(readme: Path, heading: str) -> tuple[list[dict[str, str]], list[dict]]:
     """The kong.conf blocks (4-space indented `key = value` lines) and YAML blocks of README's
     paragraph starting with `**<heading>**`, in order: what a user copies for that topology."""
-    text = README.read_text()
+    text = readme.read_text()
     start = text.index(f"**{heading}**")
     end = text.find("\n**", start + 1)
     part = text[start:end]
@@ -68,18 +59,18 @@ def readme_blocks(heading: str) -> tuple[list[dict[str, str]], list[dict]]:
     return confs, yamls
 
 
-def shipped_plugin(admin_url: str | None = None) -> dict:
+def shipped_plugin(kong_yml: Path, admin_url: str | None = None) -> dict:
     """The `pgwshard` plugin entity of the shipped kong.yml, with `admin_url` where README says."""
-    doc = yaml.safe_load(KONG_YML.read_text())
+    doc = yaml.safe_load(kong_yml.read_text())
     (plugin,) = [p for s in doc["services"] for p in s.get("plugins", []) if p["name"] == "pgwshard"]
     if admin_url is not None:
         plugin["config"]["admin_url"] = admin_url
     return plugin
 
 
-def entities_without_plugin(targets: list[str]) -> dict:
+def entities_without_plugin(kong_yml: Path, targets: list[str]) -> dict:
     """The shipped kong.yml as its header says to load it in DB mode: without the plugin."""
-    doc = yaml.safe_load(KONG_YML.read_text())
+    doc = yaml.safe_load(kong_yml.read_text())
     for service in doc["services"]:
         service.pop("plugins", None)
     (upstream,) = doc["upstreams"]
@@ -93,16 +84,16 @@ def admin(url: str, method: str, path: str, body: dict | None = None) -> tuple[i
     return status, (json.loads(raw) if raw.strip() else None)
 
 
-def import_shipped_entities(node: Kong, pg: dict[str, str], targets: list[str]) -> None:
+def import_shipped_entities(node: Kong, pg: dict[str, str], kong_yml: Path, targets: list[str]) -> None:
     """What kong/kong.yml's header tells a DB-mode user to do first: `kong config db_import` of the
     file without the plugin, with a kong.conf holding the database lines only (Kong's CLI cannot
     load an external plugin's schema: plugin_servers/init.lua indexes the `kong` global it lacks),
     before the nodes start (db_import sends no cluster event: a running node would not see it)."""
     work = temp_dir("pgwshard-db-import-")
-    conf, kong_yml = f"{work}/kong.conf", f"{work}/kong.yml"
+    conf, without = f"{work}/kong.conf", f"{work}/kong.yml"
     Path(conf).write_text("".join(f"{k} = {v}\n" for k, v in pg.items()))
-    Path(kong_yml).write_text(yaml.safe_dump(entities_without_plugin(targets)))
-    node.cli("config", "db_import", kong_yml, "-c", conf)
+    Path(without).write_text(yaml.safe_dump(entities_without_plugin(kong_yml, targets)))
+    node.cli("config", "db_import", without, "-c", conf)
 
 
 def add_shipped_plugin(node: Kong, plugin: dict) -> None:
@@ -114,7 +105,11 @@ def add_shipped_plugin(node: Kong, plugin: dict) -> None:
 class Topology:
     """Pushgateways, the proxying Kong nodes, the Admin API pgwshard-sync writes, and the sync."""
 
-    def __init__(self, pgws: int = 3):
+    def __init__(self, repo: Path, pgws: int = 3):
+        """repo: the checkout whose README.md, kong/kong.conf and kong/kong.yml are followed."""
+        self.readme = repo / "README.md"
+        self.kong_conf = repo / "kong" / "kong.conf"
+        self.kong_yml = repo / "kong" / "kong.yml"
         self.dir = temp_dir("pgwshard-topology-")
         self.pgws = [Pushgateway().start() for _ in range(pgws)]
         self.proxies: list[Kong] = []        # the nodes pushes go through
@@ -192,8 +187,15 @@ class Topology:
 
     def misplaced(self, paths: list[str]) -> dict[str, list[str]]:
         """{path: holders} for every path whose group is not on its owner only."""
-        ring = self.ring()
-        return {p: h for p in paths if (h := self.holders(parse_push_path(p))) != [ring.owner(parse_push_path(p)).name]}
+        ring, wrong = self.ring(), {}
+        for path in paths:
+            key = parse_push_path(path)
+            if key is None:
+                raise ValueError(f"{path}: not a push path")
+            holders = self.holders(key)
+            if holders != [ring.owner(key).name]:
+                wrong[path] = holders
+        return wrong
 
     def wait_plugin(self, timeout: float = 30) -> None:
         """Until every proxying node runs the plugin on the route: a bad push path gets the
@@ -235,29 +237,29 @@ class DbModeTopology(Topology):
     """Two Kong nodes on one database, README's "Traditional (DB mode)" lines; the plugin reads
     its node's Admin API at the address every node shares (README: 127.0.0.1:8001)."""
 
-    def __init__(self, kong_bin: str, pg: Postgres, database: str, nodes: int = 2):
-        super().__init__()
+    def __init__(self, repo: Path, kong_bin: str, pg: Postgres, database: str, nodes: int = 2):
+        super().__init__(repo)
         try:
-            confs, yamls = readme_blocks("Traditional (DB mode).")
+            confs, yamls = readme_blocks(self.readme, "Traditional (DB mode).")
             (self.readme_conf,), (self.pgwshard_yml,) = confs, yamls
             pg.sql(f"CREATE DATABASE {database} OWNER {pg.user};")
             self.pg = {**pg.kong_settings(), "pg_database": database}
             bootstrap_database(kong_bin, self.pg)
             self.shared_admin_port = free_port()
             for n in range(nodes):
-                node = Kong(dict(self.pg), KONG_CONF, kong_bin, name=f"db{n}")
+                node = Kong(dict(self.pg), self.kong_conf, kong_bin, name=f"db{n}")
                 conf = {**self.readme_conf, **self.pg,
                         "admin_listen": f"127.0.0.1:{self.shared_admin_port} reuseport, {node.settings['admin_listen']}"}
                 node.settings.update(conf)
                 node.write_conf()
                 self.proxies.append(node)
             self.writer = self.proxies[0]
-            import_shipped_entities(self.writer, self.pg, [p.address for p in self.pgws])
+            import_shipped_entities(self.writer, self.pg, self.kong_yml, [p.address for p in self.pgws])
             for node in self.proxies:
                 node.start()
             # README: admin_url stays at its default, this node's Admin API (here the shared port)
             self.plugin_admin_url = f"http://127.0.0.1:{self.shared_admin_port}"
-            add_shipped_plugin(self.writer, shipped_plugin(self.plugin_admin_url))
+            add_shipped_plugin(self.writer, shipped_plugin(self.kong_yml, self.plugin_admin_url))
         except BaseException:
             self.stop()
             raise
@@ -271,15 +273,16 @@ class HybridTopology(Topology):
     control plane and data planes with `cluster_rpc = on` and `cluster_incremental_sync = on`,
     each data plane's plugin server supervised beside Kong as README says for that case."""
 
-    def __init__(self, kong_bin: str, pg: Postgres, database: str, data_planes: int = 2, rpc: bool = False,
+    def __init__(self, repo: Path, kong_bin: str, pg: Postgres, database: str, data_planes: int = 2, rpc: bool = False,
                  kong_starts_plugin_server: bool | None = None, cp_settings_extra: dict[str, str] | None = None):
         """kong_starts_plugin_server: keep `pluginserver_pgwshard_start_cmd` on the data planes
         (default: unless rpc, as README says); cp_settings_extra: more kong.conf keys for the CP."""
-        super().__init__()
+        super().__init__(repo)
         try:
-            confs, _ = readme_blocks("Hybrid (control plane and data planes).")
+            confs, _ = readme_blocks(self.readme, "Hybrid (control plane and data planes).")
             self.readme_cp, self.readme_dp = confs[0], confs[1]
-            self.pgwshard_yml = readme_blocks("Traditional (DB mode).")[1][0]  # "as for DB mode"
+            self.rpc_cp, self.rpc_dp = readme_blocks(self.readme, "Hybrid with incremental sync.")[0]
+            self.pgwshard_yml = readme_blocks(self.readme, "Traditional (DB mode).")[1][0]  # "as for DB mode"
             pg.sql(f"CREATE DATABASE {database} OWNER {pg.user};")
             self.pg = {**pg.kong_settings(), "pg_database": database}
             bootstrap_database(kong_bin, self.pg)
@@ -288,8 +291,8 @@ class HybridTopology(Topology):
             self.rpc = rpc
             self.kong_starts = (not rpc) if kong_starts_plugin_server is None else kong_starts_plugin_server
             if rpc:
-                cp_settings.update(readme_blocks("Hybrid with incremental sync.")[0][0])
-            cp = Kong({}, KONG_CONF, kong_bin, name="cp", proxy=False, status=False)
+                cp_settings.update(self.rpc_cp)
+            cp = Kong({}, self.kong_conf, kong_bin, name="cp", proxy=False, status=False)
             cp.settings.update({**cp_settings, "admin_listen": cp.settings["admin_listen"], **(cp_settings_extra or {})})
             cp.write_conf()
             self.writer = self.cp = cp
@@ -297,9 +300,9 @@ class HybridTopology(Topology):
             self.plugin_admin_url = f"http://127.0.0.1:{self.shared_status_port}"
             for n in range(data_planes):
                 self.proxies.append(self._data_plane(kong_bin, n))
-            import_shipped_entities(cp, self.pg, [p.address for p in self.pgws])
+            import_shipped_entities(cp, self.pg, self.kong_yml, [p.address for p in self.pgws])
             cp.start()
-            add_shipped_plugin(cp, shipped_plugin(self.plugin_admin_url))
+            add_shipped_plugin(cp, shipped_plugin(self.kong_yml, self.plugin_admin_url))
             for dp in self.proxies:
                 self.start_data_plane(dp)
         except BaseException:
@@ -307,14 +310,14 @@ class HybridTopology(Topology):
             raise
 
     def _data_plane(self, kong_bin: str, n: int) -> Kong:
-        dp = Kong({}, KONG_CONF, kong_bin, name=f"dp{n}", admin=False)
+        dp = Kong({}, self.kong_conf, kong_bin, name=f"dp{n}", admin=False)
         assert self.cp is not None
         settings = {**self.readme_dp, **data_plane_settings(self.cp),
                     # every DP's plugin reads 127.0.0.1:<shared> (README: 8007); the test's own port beside it
                     "status_listen": f"127.0.0.1:{self.shared_status_port} reuseport, 127.0.0.1:{dp.status_port}"}
         if self.rpc:
             # README: the two RPC lines, no start_cmd (pgwshard-plugin runs as its own service)
-            rpc_lines = dict(readme_blocks("Hybrid with incremental sync.")[0][1])
+            rpc_lines = dict(self.rpc_dp)
             if self.kong_starts:  # the socket line goes with the supervised server
                 rpc_lines.pop("pluginserver_pgwshard_socket")
             settings.update(rpc_lines)
