@@ -37,6 +37,7 @@ from .processes import (
 UPSTREAM = "pushgateways"
 BODY = b"# TYPE kong_items counter\nkong_items 3\n"
 
+
 def readme_blocks(readme: Path, heading: str) -> tuple[list[dict[str, str]], list[dict]]:
     """The kong.conf blocks (4-space indented `key = value` lines) and YAML blocks of README's
     paragraph starting with `**<heading>**`, in order: what a user copies for that topology."""
@@ -79,6 +80,7 @@ def entities_without_plugin(kong_yml: Path, targets: list[str]) -> dict:
 
 
 def admin(url: str, method: str, path: str, body: dict | None = None) -> tuple[int, dict | None]:
+    """One Admin (or Status) API call with a JSON body: (status, decoded answer or None)."""
     status, raw = http_request(url + path, method, json.dumps(body).encode() if body is not None else None,
                                headers={"Content-Type": "application/json"}, timeout=10)
     return status, (json.loads(raw) if raw.strip() else None)
@@ -88,7 +90,7 @@ def import_shipped_entities(node: Kong, pg: dict[str, str], kong_yml: Path, targ
     """What kong/kong.yml's header tells a DB-mode user to do first: `kong config db_import` of the
     file without the plugin, with a kong.conf holding the database lines only (Kong's CLI cannot
     load an external plugin's schema: plugin_servers/init.lua indexes the `kong` global it lacks),
-    before the nodes start (db_import sends no cluster event: a running node would not see it)."""
+    before the nodes start (a node already running did not see what it wrote: its routes stayed 404)."""
     work = temp_dir("pgwshard-db-import-")
     conf, without = f"{work}/kong.conf", f"{work}/kong.yml"
     Path(conf).write_text("".join(f"{k} = {v}\n" for k, v in pg.items()))
@@ -99,7 +101,8 @@ def import_shipped_entities(node: Kong, pg: dict[str, str], kong_yml: Path, targ
 def add_shipped_plugin(node: Kong, plugin: dict) -> None:
     """Then the plugin, through the Admin API of a running node (it has the plugin's schema)."""
     status, body = admin(node.admin_url, "POST", "/services/pushgateway/plugins", plugin)
-    assert status == 201, body
+    if status != 201:
+        raise RuntimeError(f"{node.name}: POST /services/pushgateway/plugins: {status} {body}")
 
 
 class Topology:
