@@ -314,3 +314,47 @@ def shipped_declarative(kong_yml: str | Path, targets: list[str], membership_url
     if deletes_url is not None and not any(s["name"] == "pgwshard-deletes" for s in doc["services"]):
         raise ValueError(f"{kong_yml}: no pgwshard-deletes service to uncomment")
     return doc
+
+
+# -- DB mode and hybrid (harness/postgres.py gives the database) ------------------------------
+
+def bootstrap_database(binary: str, pg_settings: dict[str, str]) -> None:
+    """`kong migrations bootstrap` once on a fresh database (Kong's own schema)."""
+    conf = Path(temp_dir("pgwshard-kong-migrations-")) / "kong.conf"
+    conf.write_text("".join(f"{k} = {v}\n" for k, v in pg_settings.items()))
+    done = subprocess.run([binary, "migrations", "bootstrap", "-c", str(conf)], capture_output=True, text=True,
+                          timeout=180, env=_kong_env(), stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        raise RuntimeError(f"kong migrations bootstrap failed: {done.stderr[-3000:]}{done.stdout[-1000:]}")
+
+
+def cluster_certificate(binary: str, directory: str | None = None) -> tuple[str, str]:
+    """A hybrid cluster's shared pair, as Kong's docs make it: `kong hybrid gen_cert`. Readable
+    by the workers' user (they load it), in `directory` (a test's own) or a temporary one."""
+    directory = directory or temp_dir("pgwshard-kong-cluster-")
+    cert, key = os.path.join(directory, "cluster.crt"), os.path.join(directory, "cluster.key")
+    done = subprocess.run([binary, "hybrid", "gen_cert", cert, key], capture_output=True, text=True,
+                          timeout=60, env=_kong_env(), stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        raise RuntimeError(f"kong hybrid gen_cert failed: {done.stderr[-2000:]}")
+    if os.geteuid() == 0 and WORKER_USER:
+        uid = pwd.getpwnam(WORKER_USER[0]).pw_uid
+        for path in (cert, key):
+            os.chown(path, uid, -1)
+    os.chmod(directory, 0o755)
+    return cert, key
+
+
+def control_plane_settings(pg_settings: dict[str, str], cert: str, key: str) -> dict[str, str]:
+    """kong.conf keys of a hybrid control plane on `pg_settings`' database, its cluster port
+    free (read it back from settings["cluster_listen"]); no proxy: a CP proxies nothing."""
+    return {**pg_settings, "role": "control_plane", "cluster_cert": cert, "cluster_cert_key": key,
+            "cluster_listen": f"127.0.0.1:{free_port()}"}
+
+
+def data_plane_settings(control_plane: Kong) -> dict[str, str]:
+    """kong.conf keys of a DB-less data plane of `control_plane` (its cert pair and cluster port);
+    its Status API (Kong's default, on) is where the plugin reads the targets."""
+    cp = control_plane.settings
+    return {"role": "data_plane", "database": "off", "cluster_control_plane": cp["cluster_listen"],
+            "cluster_cert": cp["cluster_cert"], "cluster_cert_key": cp["cluster_cert_key"]}

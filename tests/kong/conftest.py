@@ -167,3 +167,19 @@ def raw_request(port: int, target: bytes, method: bytes = b"PUT", body: bytes = 
     header_text, _, answer = rest.partition(b"\r\n\r\n")
     fields = dict(line.decode("latin-1").split(": ", 1) for line in header_text.split(b"\r\n") if b": " in line)
     return int(status_line.split()[1]), {k.lower(): v for k, v in fields.items()}, answer
+
+
+@pytest.fixture(scope="session")
+def postgres(kong_bin):
+    """One throwaway PostgreSQL cluster for the session's DB-mode and hybrid Kongs (each
+    topology makes its own database in it). Fails under CI=true without PostgreSQL."""
+    from kong_plugin_pgwshard.harness.postgres import Postgres, postgres_bin
+
+    if postgres_bin() is None:
+        how = "no PostgreSQL: apt-get install postgresql-15, or set PGWSHARD_PG_BIN"
+        if os.environ.get("CI"):
+            pytest.fail(how)
+        pytest.skip(how)
+    cluster = Postgres().start()
+    yield cluster
+    cluster.stop()

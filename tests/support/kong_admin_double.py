@@ -17,7 +17,6 @@ answering 401 without the header. `stall` makes every request hang (an overloade
 """
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import re
@@ -295,9 +294,7 @@ class KongAdminDouble:
                     return self._send(200, {"server": {}, "memory": {}, "configuration_hash": double.config_hash})
                 if parts == ["status", "ready"] and method == "GET":
                     return self._send(200, {"message": "ready"})
-                routed = parts[:1] == ["upstreams"] and (
-                    (len(parts) == 3 and parts[2] in ("health", "targets")) or
-                    (len(parts) == 4 and parts[2] == "targets"))
+                routed = parts[:1] == ["upstreams"] and len(parts) in (3, 4) and parts[2] == "targets"
                 if not routed:
                     return self._send(404, NOT_FOUND)
                 if method != "GET":
@@ -336,19 +333,17 @@ class KongAdminDouble:
                     return self._send(404, NOT_FOUND)
                 if len(parts) == 2:
                     return self._send(200, double.upstreams[name]) if method == "GET" else self._send(405, METHOD_NOT_ALLOWED)
-                if len(parts) == 3 and parts[2] in ("targets", "health"):
+                if len(parts) == 3 and parts[2] == "targets":
                     if method == "GET":
-                        return self._page(parts[1], name, parts[2], query)
-                    if method == "POST" and parts[2] == "targets":
+                        return self._page(parts[1], name, query)
+                    if method == "POST":
                         return self._post_target(name, body)
                     return self._send(405, METHOD_NOT_ALLOWED)
-                if len(parts) == 4 and parts[2] == "targets" and parts[3] == "all" and method == "GET":
-                    return self._page_all(parts[1], name, query)
                 if len(parts) == 4 and parts[2] == "targets":
                     return self._target(method, name, parts[3], body)
                 return self._send(404, NOT_FOUND)
 
-            def _page(self, given: str, name: str, route: str, query):
+            def _page(self, given: str, name: str, query):
                 # kong/api/endpoints.lua get_page_size: size must be a number; default 100,
                 # clamped to 1000 without an error (kong/db/dao/targets.lua page_for_upstream)
                 size = 100
@@ -364,27 +359,13 @@ class KongAdminDouble:
                     return self._send(500, {"message": "An unexpected error occurred"})
                 rows = double.listed(name)
                 page = rows[offset:offset + size] if size > 0 else []
-                if route == "health":  # kong/db/dao/targets.lua page_for_upstream_with_health
-                    page = [{**t, "health": "HEALTHCHECKS_OFF", "data": {"addresses": []}} for t in page]
                 more = 0 <= offset + size < len(rows)  # size=0 gives an empty page and a `next`, as in Kong
                 # kong/api/endpoints.lua get_collection_endpoint: `next` names the upstream as
                 # the URL did and carries only the offset, not the size
-                answer = {"data": page, "next": f"/upstreams/{given}/{route}?offset={offset + size}" if more else None}
+                answer = {"data": page, "next": f"/upstreams/{given}/targets?offset={offset + size}" if more else None}
                 if more:
                     answer["offset"] = str(offset + size)
-                if route == "health":
-                    answer["node_id"] = "00000000-0000-4000-8000-000000000001"
                 return self._send(200, answer)
-
-            def _page_all(self, given: str, name: str, query):
-                # kong/api/routes/upstreams.lua /targets/all: storage order, no dedup, an opaque offset
-                size = min(int(query.get("size", 100)), 1000)
-                start = int(base64.b64decode(query["offset"]).decode()) if "offset" in query else 0
-                rows = double.targets[name][start:start + size]
-                more = len(double.targets[name]) > start + size
-                offset = base64.b64encode(str(start + size).encode()).decode()
-                nxt = f"/upstreams/{given}/targets/all?offset={urllib.parse.quote(offset, safe='')}"
-                return self._send(200, {"data": rows, "next": nxt if more else None, **({"offset": offset} if more else {})})
 
             def _post_target(self, name: str, body):
                 # kong/db/dao/targets.lua insert: normalise, then the schema, then the strategy
