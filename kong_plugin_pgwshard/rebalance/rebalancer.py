@@ -13,7 +13,12 @@ ring the plugin routes with) who owns each, and for every copy on a non-owner de
   survey saw (same push time, same families), read again after all the pass's copies: a client
   push that reached the old owner meanwhile is left for the next pass, never deleted;
 - the newest version this rebalancer ever saw of the group is gone from the instance that held
-  it (a client deleted it there)  -> the older copies are stale remains: delete them, never copy.
+  it (a client deleted it there)  -> the older copies are stale remains: delete them, never copy;
+- a copy an instance stored while it was out of the ring (a hung pushgateway applying pushes that
+  already got 504) loses to every copy stored in the ring, however new (history.py); an instance
+  out of the ring that answers keeps the groups of which it holds the best copy until it rejoins
+  or has been out `gone_after` seconds (it is probably about to rejoin: moving them away and
+  back would be two moves and duplicates in between).
 
 "Newest" compares when the data was pushed by a client: a copy made by the rebalancer carries
 the original push time in MARKER_FAMILY (and its own time in MOVED_FAMILY), because Pushgateway
@@ -34,6 +39,7 @@ from ..core.grouping import GroupingKey
 from ..core.ring import Member, Ring
 from ..errors import NoMembersError, UpstreamError
 from .exposition import families_to_text
+from .history import MembershipHistory
 
 MARKER_FAMILY = "pgwshard_original_push_time_seconds"
 MARKER_HELP = "Last Unix time a client pushed this group, kept when pgwshard moved the group."
@@ -63,6 +69,9 @@ class Move:
     reason: str
     pushed_at: float     # when a client pushed the data of this copy
     wait: float = 0.0    # WAIT: seconds until it has been quiet long enough
+    # COPY over an owner copy stored while the owner was out of the ring: that copy's
+    # push_time_seconds (the PUT may replace it although it looks newer).
+    replaces: float | None = None
 
 
 @dataclass
@@ -123,7 +132,8 @@ class Rebalancer:
                  registry: CollectorRegistry | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep, tombstones: Any = None,
-                 quiet: float | None = None, wall_clock: Callable[[], float] = time.time):
+                 quiet: float | None = None, wall_clock: Callable[[], float] = time.time,
+                 gone_after: float | None = None):
         if max_ops_per_second is None:
             max_ops_per_second = _setting(settings, "max_ops_per_second", 50.0)
         if not max_ops_per_second > 0:
@@ -132,6 +142,11 @@ class Rebalancer:
         self.timeout = timeout
         self.recheck_max_age = recheck_max_age
         self.quiet = float(_setting(settings, "quiet", 0.0) if quiet is None else quiet)
+        # An instance out of the ring this long (by the history) is drained like any leaver;
+        # before, it keeps the groups of which it holds the best copy (it is about to rejoin).
+        self.gone_after = float(_setting(settings, "gone_after", 60.0) if gone_after is None else gone_after)
+        self._history = MembershipHistory()
+        self._ring_names: frozenset[str] = frozenset()
         self._wall_clock = wall_clock
         self._waiting: dict[GroupingKey, _Waiting] = {}
         # Deletes clients made through pgwshard-sync (sync/deletes.py): covered copies are
@@ -161,23 +176,27 @@ class Rebalancer:
         self._seconds = Histogram("pgwshard_rebalance_seconds", "Seconds per reconciliation.",
                                   buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900), registry=registry)
 
-    def plan(self, ring: Ring, instances: Iterable[Member | str] = ()) -> list[Move]:
+    def plan(self, ring: Ring, instances: Iterable[Member | str] = (),
+             history: MembershipHistory | None = None) -> list[Move]:
         """List every reachable instance and return the steps a reconciliation would take.
 
         Changes nothing on any instance. Unreachable instances are named in self.unreachable.
         """
-        return self._plan(ring, self._survey(ring, instances))
+        return self._plan(ring, self._survey(ring, instances, history))
 
-    def reconcile(self, ring: Ring, instances: Iterable[Member | str] = ()) -> ReconcileReport:
+    def reconcile(self, ring: Ring, instances: Iterable[Member | str] = (),
+                  history: MembershipHistory | None = None) -> ReconcileReport:
         """Run one reconciliation: every group ends on its owner only, newest copy kept.
 
         instances: every known pushgateway (ring members are added), so groups drain from an
-        instance that left the ring while it is still reachable. Errors are counted in the
+        instance that left the ring while it is still reachable. history: when each left and
+        rejoined the ring (pgwshard-sync's; None: nothing known, every copy counts by its push
+        time and an instance out of the ring is drained at once). Errors are counted in the
         report, never raised: what failed stays where it is and is retried next time.
         """
         started = self._clock()
         report = ReconcileReport()
-        holdings = self._survey(ring, instances)
+        holdings = self._survey(ring, instances, history)
         report.unreachable = list(self.unreachable)
         # One owner at a time, so one listing of it serves the re-check of several PUTs (listing
         # 2,000 groups costs ~140 ms, a PUT ~25 ms). The sort is stable: a group's steps keep order.
@@ -212,7 +231,8 @@ class Rebalancer:
                 if current is not None and client_push_time(current) == move.pushed_at:
                     self._delete(move, report)
                 continue
-            if current is not None and client_push_time(current) >= move.pushed_at:
+            if (current is not None and client_push_time(current) >= move.pushed_at
+                    and current.push_time != move.replaces):
                 # A client pushed to the owner since the survey: its copy wins.
                 to_delete.append((move, True))
                 continue
@@ -240,10 +260,58 @@ class Rebalancer:
         self._seconds.observe(report.seconds)
         return report
 
+    def clear_before_rejoin(self, joiners: Iterable[str], instances: Iterable[Member | str],
+                            history: MembershipHistory) -> dict[str, int]:
+        """Delete from each joiner (out of the ring, about to rejoin) every copy that loses to a
+        copy elsewhere: older, or stored while the joiner was out of the ring (`history`). Then
+        it serves no stale copy from the moment it rejoins (a restarted pushgateway comes back
+        with its persistence file while the stand-ins hold newer copies).
+
+        Returns how many copies each joiner lost. Raises UpstreamError if a joiner cannot be
+        listed or cleared (it should stay out); an other instance that does not answer only
+        gives no evidence. Uses clients of its own: safe beside a pass on another thread.
+        """
+        joining = sorted(set(joiners))
+        names = sorted({_name(i) for i in instances} | set(joining))
+        clients = {name: PushgatewayClient(name, timeout=self.timeout) for name in names}
+        try:
+            holdings: dict[str, dict[GroupingKey, Group]] = {}
+            for name in names:
+                try:
+                    holdings[name] = {g.key: g for g in clients[name].groups()}
+                except UpstreamError:
+                    if name in joining:
+                        raise
+            removed: dict[str, int] = {}
+            for joiner in joining:
+                stale = []
+                for key, group in holdings[joiner].items():
+                    rivals = [_rank(history, n, held[key]) for n, held in holdings.items()
+                              if n != joiner and key in held]
+                    if rivals and _rank(history, joiner, group) < max(rivals):
+                        stale.append(key)
+                removed[joiner] = 0
+                if not stale:
+                    continue
+                now_there = {g.key: g for g in clients[joiner].groups()}
+                for key in stale:
+                    current, surveyed = now_there.get(key), holdings[joiner][key]
+                    if current is None or current.push_time != surveyed.push_time:
+                        continue  # gone, or pushed again meanwhile: not what lost
+                    clients[joiner].delete_group(key)
+                    removed[joiner] += 1
+            return removed
+        finally:
+            for client in clients.values():
+                client.close()
+
     # -- listing and deciding (no writes) -------------------------------------------------
 
-    def _survey(self, ring: Ring, instances: Iterable[Member | str]) -> dict[str, dict[GroupingKey, Group]]:
+    def _survey(self, ring: Ring, instances: Iterable[Member | str],
+                history: MembershipHistory | None = None) -> dict[str, dict[GroupingKey, Group]]:
         names = {_name(i) for i in instances} | {m.name for m in ring.members}
+        self._history = history or MembershipHistory()
+        self._ring_names = frozenset(m.name for m in ring.members)
         holdings: dict[str, dict[GroupingKey, Group]] = {}
         self.unreachable = []
         for name in sorted(names):
@@ -259,7 +327,8 @@ class Rebalancer:
         for name, groups in holdings.items():
             for key, group in groups.items():
                 present.add(key)
-                self._remember(key, client_push_time(group), name)
+                if not self._late(name, group):  # evidence of deletes comes from acknowledged copies only
+                    self._remember(key, client_push_time(group), name)
         if not self.unreachable:
             # Every instance answered: groups found nowhere need no memory any more.
             for key in [k for k in self._newest if k not in present]:
@@ -293,6 +362,18 @@ class Rebalancer:
             moves += self._plan_group(key, owner, group_copies, waiting.get(key))
         return moves
 
+    def _late(self, name: str, group: Group) -> bool:
+        return self._history.was_out(name, group.push_time)
+
+    def _rank(self, name: str, group: Group) -> tuple[bool, float]:
+        return _rank(self._history, name, group)
+
+    def _returning(self, name: str) -> bool:
+        """Out of the ring (and answering) for less than gone_after: probably about to rejoin."""
+        since = self._history.out_since(name)
+        return (name not in self._ring_names and since is not None
+                and self._wall_clock() - since < self.gone_after)
+
     def _plan_group(self, key: GroupingKey, owner: str, copies: Mapping[str, Group],
                     waited: _Waiting | None = None) -> list[Move]:
         strays = {name: g for name, g in copies.items() if name != owner}
@@ -311,16 +392,21 @@ class Rebalancer:
 
         if owner in self.unreachable:
             return [step(name, SKIP, "owner unreachable") for name in sorted(strays)]
-        newest = max(sorted(strays), key=lambda name: client_push_time(strays[name]))
+        newest = max(sorted(strays), key=lambda name: self._rank(name, strays[name]))
         newest_at = client_push_time(strays[newest])
-        if at_owner is not None and client_push_time(at_owner) >= newest_at:
+        if at_owner is not None and self._rank(owner, at_owner) >= self._rank(newest, strays[newest]):
             return [step(name, DELETE, "owner holds a newer copy") for name in sorted(strays)]
+        replaces = at_owner.push_time if at_owner is not None and self._late(owner, at_owner) else None
         if seen is not None and seen.pushed_at > max(newest_at, client_push_time(at_owner) if at_owner else 0.0):
             if seen.instance in self.unreachable:
                 return [step(name, SKIP, f"newer copy on unreachable {seen.instance}")
                         for name in sorted(strays)]
             # The newest version we saw is gone from where it was: a client deleted the group.
             return [step(name, DELETE, "group was deleted after a newer push") for name in sorted(strays)]
+        if self._returning(newest):
+            # Its holder is back up and rejoins once held down: it keeps the group meanwhile
+            # (pushes go to the owner; one after its copy makes that copy older, deleted then).
+            return [step(name, SKIP, f"best copy on {newest}, which is about to rejoin") for name in sorted(strays)]
         wait = self._still_to_wait(key, newest, newest_at, waited) if self.quiet > 0 else 0.0
         if wait > 0:
             # Its client may push again, to the owner: a PUT racing that push would overwrite it
@@ -328,7 +414,10 @@ class Rebalancer:
             # seconds of silence (then the copy is PUT) decide at a later pass.
             moves = [Move(key, newest, owner, WAIT, f"pushed less than {self.quiet:g} s ago", newest_at, wait)]
         else:
-            moves = [step(newest, COPY, "owner lacks it" if at_owner is None else "owner holds an older copy")]
+            moves = [Move(key, newest, owner, COPY,
+                          "owner lacks it" if at_owner is None else
+                          "owner holds an older copy" if replaces is None else
+                          "owner's copy was stored while it was out of the ring", newest_at, replaces=replaces)]
         moves += [step(name, DELETE, "a newer copy is elsewhere") for name in sorted(strays) if name != newest]
         return moves
 
@@ -429,6 +518,13 @@ def client_push_time(group: Group) -> float:
     if original is not None and moved is not None and group.push_time - moved <= MARKER_SLACK_SECONDS:
         return original
     return group.push_time
+
+
+def _rank(history: MembershipHistory, name: str, group: Group) -> tuple[bool, float]:
+    """Which copy wins: one stored while its instance was in the ring over one stored while it
+    was out (never acknowledged through a gateway: a hung pushgateway applying pushes that got
+    504), then the newest client push. push_time_seconds is the instance's own write time."""
+    return (not history.was_out(name, group.push_time), client_push_time(group))
 
 
 def _gauge(group: Group, name: str) -> float | None:
