@@ -489,8 +489,13 @@ def test_a_waiting_copy_moves_after_quiet_of_our_clock_and_is_not_held_forever(p
     ahead = Rebalancer(max_ops_per_second=500, quiet=10, wall_clock=lambda: time.time() - 3600,
                        clock=lambda: mono[0], sleep=lambda _: None)
     push(other, key, 1)
-    assert ahead.reconcile(ring, pgws_addresses(pgws)).waiting == 1
-    mono[0] += 10
+    for elapsed in (0.0, 2.5, 5.0, 9.9):  # our clock, since the copy was first seen
+        mono[0] = 1000.0 + elapsed
+        report = ahead.reconcile(ring, pgws_addresses(pgws))
+        assert (report.waiting, report.moved) == (1, 0)
+        assert report.retry_after == pytest.approx(10 - elapsed)
+        assert placement(pgws) == {key: [(other.address, 1)]}
+    mono[0] = 1010.0
     assert ahead.reconcile(ring, pgws_addresses(pgws)).moved == 1
     assert placement(pgws) == {key: [(owner.address, 1)]}
 
@@ -503,5 +508,5 @@ def test_a_waiting_copy_moves_after_quiet_of_our_clock_and_is_not_held_forever(p
             break
         assert report.waiting == 1
         mono[0] += 5
-    assert report.moved == 1 and mono[0] - 1010 >= MAX_WAIT_QUIETS * 10
+    assert report.moved == 1 and mono[0] - 1010 == MAX_WAIT_QUIETS * 10  # not before, not later
     assert (owner.address, value) in placement(pgws)[stray]
