@@ -55,6 +55,10 @@ class MembershipHistory:
         past = self.outages.get(name, ())
         return past[-1].left if past and past[-1].back is None else None
 
+    def outage_at(self, name: str, when: float) -> Outage | None:
+        """The outage of `name` that wall-clock time `when` falls in, if any."""
+        return next((o for o in self.outages.get(name, ()) if o.covers(when)), None)
+
     def was_out(self, name: str, when: float) -> bool:
         """Whether `name` was out of the ring at wall-clock time `when`."""
-        return any(o.covers(when) for o in self.outages.get(name, ()))
+        return self.outage_at(name, when) is not None

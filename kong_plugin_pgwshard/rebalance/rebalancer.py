@@ -286,6 +286,9 @@ class Rebalancer:
             for joiner in joining:
                 stale = []
                 for key, group in holdings[joiner].items():
+                    if self.tombstones is not None and self.tombstones.covers(key, _sent_by(history, joiner, group)):
+                        stale.append(key)  # a late write of a group a client deleted meanwhile
+                        continue
                     rivals = [_rank(history, n, held[key]) for n, held in holdings.items()
                               if n != joiner and key in held]
                     if rivals and _rank(history, joiner, group) < max(rivals):
@@ -355,7 +358,7 @@ class Rebalancer:
             group_copies = copies[key]
             if self.tombstones is not None:
                 dead = sorted(n for n, g in group_copies.items()
-                              if self.tombstones.covers(key, client_push_time(g)))
+                              if self.tombstones.covers(key, _sent_by(self._history, n, g)))
                 moves += [Move(key, n, owner, DELETE, "deleted by a client (tombstone)",
                                client_push_time(group_copies[n])) for n in dead]
                 group_copies = {n: g for n, g in group_copies.items() if n not in dead}
@@ -397,7 +400,8 @@ class Rebalancer:
         if at_owner is not None and self._rank(owner, at_owner) >= self._rank(newest, strays[newest]):
             return [step(name, DELETE, "owner holds a newer copy") for name in sorted(strays)]
         replaces = at_owner.push_time if at_owner is not None and self._late(owner, at_owner) else None
-        if seen is not None and seen.pushed_at > max(newest_at, client_push_time(at_owner) if at_owner else 0.0):
+        owner_at = client_push_time(at_owner) if at_owner is not None and replaces is None else 0.0
+        if seen is not None and seen.pushed_at > max(newest_at, owner_at):
             if seen.instance in self.unreachable:
                 return [step(name, SKIP, f"newer copy on unreachable {seen.instance}")
                         for name in sorted(strays)]
@@ -525,6 +529,14 @@ def _rank(history: MembershipHistory, name: str, group: Group) -> tuple[bool, fl
     was out (never acknowledged through a gateway: a hung pushgateway applying pushes that got
     504), then the newest client push. push_time_seconds is the instance's own write time."""
     return (not history.was_out(name, group.push_time), client_push_time(group))
+
+
+def _sent_by(history: MembershipHistory, name: str, group: Group) -> float:
+    """The latest time the client can have sent this copy's data: its push time, or for a copy
+    stored while its instance was out of the ring (a late write), when the instance left: no
+    gateway routed to it after that. A delete acknowledged since then covers it."""
+    outage = history.outage_at(name, group.push_time)
+    return client_push_time(group) if outage is None else outage.left
 
 
 def _gauge(group: Group, name: str) -> float | None:

@@ -79,8 +79,8 @@ def test_a_hung_pushgateways_late_write_never_replaces_the_acknowledged_retry(pu
     sd = tmp_path / "sd.json"
     everyone = {p.address for p in pgws}
     ring = Ring(Member.parse(a) for a in everyone)
-    key = next(k for k in KEYS if ring.owner(k).name == pgws[0].address)
     owner = pgws[0]
+    key = next(k for k in KEYS if ring.owner(k).name == owner.address)
     standin = next(p for p in pgws if p.address == Ring(Member.parse(p.address) for p in pgws[1:]).owner(key).name)
     settings = settings_for(pgws, sd, quiet="0.5s", interval="60s", settle="0.5s", follow_up="1s")
     with running(Daemon(settings)), gateway(pgws, sd, read_timeout="1s") as url:
@@ -99,7 +99,8 @@ def test_a_hung_pushgateways_late_write_never_replaces_the_acknowledged_retry(pu
         finally:
             os.kill(owner.proc.pid, signal.SIGCONT)
         # the precondition: the resumed owner stores what timed out, with a push time of now
-        wait_until(lambda: held(owner).get(key, acked) != acked, 10, what="the late write applied")
+        # the precondition: the resumed owner stores what timed out, with a push time of now
+        wait_until(lambda: held(owner).get(key, acked) != acked, 10, interval=0.02, what="the late write applied")
         wait_until(lambda: file_members(sd) == everyone, 15, what="the owner rejoins")
 
         def one_copy() -> bool:
