@@ -36,7 +36,7 @@ def main() -> None:
             result = run_drill(groups=args.groups, seed=n, delete_api=not args.direct_deletes, fault=fault)
             rounds += 1
             print(f"round {n}: {result}", flush=True)
-            for problem in result.problems:
+            for problem in result.problems + result.faulty:
                 print(f"  {problem}", flush=True)
             for name in totals:
                 totals[name] += getattr(result, name)

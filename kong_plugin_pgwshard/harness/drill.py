@@ -66,6 +66,7 @@ class DrillResult:
     late_writes: int = 0       # hang: of those, applied by the victim after it resumed
     reroute_seconds: float | None = None  # hang: SIGSTOP to the first victim group acknowledged elsewhere
     problems: list[str] = field(default_factory=list)  # preconditions not met, unexpected answers
+    faulty: list[str] = field(default_factory=list)    # each group counted above: what is where
 
     @property
     def ok(self) -> bool:
@@ -118,6 +119,8 @@ class _Stack:
                           "max_ops_per_second": 200},
             **deletes,
             "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+            # PGWSHARD_DRILL_LOGS: keep the log of a failed round, with every move in it
+            **({"log": {"level": "debug"}} if os.environ.get("PGWSHARD_DRILL_LOGS") else {}),
         }))
         self.sync = ManagedProcess("pgwshard-sync", [sys.executable, "-m", "kong_plugin_pgwshard.sync.daemon",
                                                      "--config", str(config)])
@@ -211,8 +214,8 @@ def run_drill(groups: int = 30, seed: int | None = None, converge_timeout: float
 
         def rerouted() -> int:
             # victim's groups acknowledged by a stand-in: the newest acknowledged value sits elsewhere
-            held = {p.address: _held(p) for p in stack.pgws if p is not victim}
-            return sum(any(h.get(k) == newest.get(k) for h in held.values()) for k in theirs)
+            held = [_held(p) for p in stack.pgws if p is not victim]
+            return sum(k in newest and any(h.get(k) == newest[k] for h in held) for k in theirs)
 
         if fault == "kill":
             delete_at_death, delete_in_outage = theirs[:2], theirs[2:4]
@@ -227,10 +230,13 @@ def run_drill(groups: int = 30, seed: int | None = None, converge_timeout: float
                 push_round(live)
             if stack.members() != others:
                 result.problems.append("the victim never left the ring")
-            # outage
+            # outage: pushes go on, to the stand-ins once the gateway follows (within 1 s)
             for key in delete_in_outage:
                 delete(key)
+            deadline = time.monotonic() + 5
             push_round(live)
+            while rerouted() < len(set(theirs) & set(live)) and time.monotonic() < deadline:
+                push_round(live)
             result.rerouted = rerouted()
             # return: one last push per live group, spread around the rejoin
             returned = Pushgateway(port=victim.port, data_dir=victim.data_dir)
@@ -274,6 +280,7 @@ def run_drill(groups: int = 30, seed: int | None = None, converge_timeout: float
                     continue  # never acknowledged
                 if owner_value == want:
                     continue
+                counts.faulty.append(f"{key}: acknowledged {want}, owner {final.owner(key).name}, copies {copies}")
                 if owner_value is not None and owner_value < want:
                     counts.stale += 1
                 elif want in copies.values():
@@ -289,6 +296,12 @@ def run_drill(groups: int = 30, seed: int | None = None, converge_timeout: float
         counts.converged_seconds = time.monotonic() - start
         for name in ("fault", "rerouted", "timed_out", "late_writes", "reroute_seconds", "problems"):
             setattr(counts, name, getattr(result, name))
+        keep = os.environ.get("PGWSHARD_DRILL_LOGS")
+        if keep and not counts.ok:  # pgwshard-sync's log of a failed round, to see what it did
+            target = Path(keep) / f"{fault}-{seed}-{int(time.time())}.log"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(stack.sync.log())
+            counts.problems.append(f"pgwshard-sync's log: {target}")
         return counts
     finally:
         stack.stop()

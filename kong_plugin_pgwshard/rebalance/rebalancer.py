@@ -27,6 +27,7 @@ alert expression that stays honest, and the window that remains.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ from ..core.ring import Member, Ring
 from ..errors import NoMembersError, UpstreamError
 from .exposition import families_to_text
 from .history import MembershipHistory
+
+log = logging.getLogger("pgwshard.rebalance")
 
 MARKER_FAMILY = "pgwshard_original_push_time_seconds"
 MARKER_HELP = "Last Unix time a client pushed this group, kept when pgwshard moved the group."
@@ -164,7 +167,8 @@ class Rebalancer:
         self._deleted = Counter("pgwshard_rebalance_groups_deleted",
                                 "Stale group copies deleted from non-owners.", registry=registry)
         self._skipped = Counter("pgwshard_rebalance_groups_skipped",
-                                "Groups left for a later pass (owner unreachable).", registry=registry)
+                                "Groups left for a later pass (owner unreachable, copy changed, holder about to "
+                                "rejoin).", registry=registry)
         self._failed = Counter("pgwshard_rebalance_groups_failed",
                                "Group copies or deletes that failed.", registry=registry)
         self._waiting_gauge = Gauge("pgwshard_rebalance_groups_waiting",
@@ -246,6 +250,7 @@ class Rebalancer:
                 self._remove_husk(move)
                 continue
             owner_now[move.key] = group
+            log.debug("copied %s from %s to %s: %s", move.key, move.source, move.target, move.reason)
             report.window_seconds = max(report.window_seconds, self._clock() - listed_at)
             self._remember(move.key, move.pushed_at, move.target, moved=True)
             report.moved += 1
@@ -261,13 +266,13 @@ class Rebalancer:
         return report
 
     def clear_before_rejoin(self, joiners: Iterable[str], instances: Iterable[Member | str],
-                            history: MembershipHistory) -> dict[str, int]:
+                            history: MembershipHistory) -> tuple[dict[str, int], dict[str, UpstreamError]]:
         """Delete from each joiner (out of the ring, about to rejoin) every copy that loses to a
         copy elsewhere: older, or stored while the joiner was out of the ring (`history`). Then
         it serves no stale copy from the moment it rejoins (a restarted pushgateway comes back
         with its persistence file while the stand-ins hold newer copies).
 
-        Returns how many copies each joiner lost. Raises UpstreamError if a joiner cannot be
+        Returns how many copies each joiner lost, and the error of each joiner that could not be
         listed or cleared (it should stay out); an other instance that does not answer only
         gives no evidence. Uses clients of its own: safe beside a pass on another thread.
         """
@@ -276,14 +281,15 @@ class Rebalancer:
         clients = {name: PushgatewayClient(name, timeout=self.timeout) for name in names}
         try:
             holdings: dict[str, dict[GroupingKey, Group]] = {}
+            failed: dict[str, UpstreamError] = {}
             for name in names:
                 try:
                     holdings[name] = {g.key: g for g in clients[name].groups()}
-                except UpstreamError:
+                except UpstreamError as err:
                     if name in joining:
-                        raise
+                        failed[name] = err
             removed: dict[str, int] = {}
-            for joiner in joining:
+            for joiner in [j for j in joining if j not in failed]:
                 stale = []
                 for key, group in holdings[joiner].items():
                     if self.tombstones is not None and self.tombstones.covers(key, _sent_by(history, joiner, group)):
@@ -296,14 +302,18 @@ class Rebalancer:
                 removed[joiner] = 0
                 if not stale:
                     continue
-                now_there = {g.key: g for g in clients[joiner].groups()}
-                for key in stale:
-                    current, surveyed = now_there.get(key), holdings[joiner][key]
-                    if current is None or current.push_time != surveyed.push_time:
-                        continue  # gone, or pushed again meanwhile: not what lost
-                    clients[joiner].delete_group(key)
-                    removed[joiner] += 1
-            return removed
+                try:
+                    now_there = {g.key: g for g in clients[joiner].groups()}
+                    for key in stale:
+                        current, surveyed = now_there.get(key), holdings[joiner][key]
+                        if current is None or current.push_time != surveyed.push_time:
+                            continue  # gone, or pushed again meanwhile: not what lost
+                        clients[joiner].delete_group(key)
+                        log.debug("deleted %s on %s before it rejoins: lost to a copy elsewhere", key, joiner)
+                        removed[joiner] += 1
+                except UpstreamError as err:
+                    failed[joiner] = err
+            return removed, failed
         finally:
             for client in clients.values():
                 client.close()
@@ -494,6 +504,7 @@ class Rebalancer:
             report.failed += 1
             report.errors.append(str(exc))
             return
+        log.debug("deleted %s on %s: %s", move.key, move.source, move.reason if count else "copied to its owner")
         if count:
             report.deleted += 1
 

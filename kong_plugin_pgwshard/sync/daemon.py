@@ -425,14 +425,13 @@ class Daemon:
         refused = self._apply_tombstones(wanted - old)
         joiners = {m.name: m for m in wanted - old - refused}
         if joiners and self.rebalancer is not None and self.damper.applied is not None:  # not at start
-            try:
-                removed = self.rebalancer.clear_before_rejoin(joiners, self.known, self.placement.history)
-            except UpstreamError as err:
-                log.warning("%s stay out until their stale copies can be cleared: %s", sorted(joiners), err)
-                return wanted - set(joiners.values()) - refused
+            removed, failed = self.rebalancer.clear_before_rejoin(joiners, self.known, self.placement.history)
+            for name, err in failed.items():
+                log.warning("%s stays out until its stale copies can be cleared: %s", name, err)
+                refused.add(joiners[name])
             for name, count in removed.items():
                 if count:
-                    log.info("%s rejoins: deleted %d copy(ies) older than a copy elsewhere", name, count)
+                    log.info("%s rejoins: deleted %d copy(ies) that lost to a copy elsewhere", name, count)
         return wanted - refused
 
     def _apply_tombstones(self, joiners: frozenset[Member]) -> set[Member]:
