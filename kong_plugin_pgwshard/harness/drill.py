@@ -280,7 +280,8 @@ def run_drill(groups: int = 30, seed: int | None = None, converge_timeout: float
                     continue  # never acknowledged
                 if owner_value == want:
                     continue
-                counts.faulty.append(f"{key}: acknowledged {want}, owner {final.owner(key).name}, copies {copies}")
+                counts.faulty.append(f"{key}: acknowledged {want}, owner {final.owner(key).name} (the victim: "
+                                     f"{victim.address}), copies {copies}")
                 if owner_value is not None and owner_value < want:
                     counts.stale += 1
                 elif want in copies.values():
