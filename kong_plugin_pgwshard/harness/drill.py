@@ -137,7 +137,7 @@ class _Stack:
         self.host = NginxHost(self.server.socket_path, {"membership": "file", "membership_file": str(self.members_file),
                                                         "refresh_interval": 1}, [p.address for p in self.pgws],
                               deletes=f"127.0.0.1:{self.delete_port}" if self.delete_port else None,
-                              limits=PushLimits(read_timeout=f"{self.read_timeout:g}s"))
+                              limits=PushLimits(read_timeout=f"{round(self.read_timeout * 1000)}ms"))
         self.parts.append(self.host.start())
         return self
 

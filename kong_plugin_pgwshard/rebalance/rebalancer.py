@@ -94,6 +94,9 @@ class ReconcileReport:
     window_seconds: float = 0.0
     unreachable: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    # The membership changed during the pass (`latest`): it stopped before its next write; the
+    # change's own pass follows.
+    abandoned: bool = False
 
     def __str__(self) -> str:
         text = (f"moved={self.moved} deleted={self.deleted} skipped={self.skipped} "
@@ -102,6 +105,8 @@ class ReconcileReport:
             text += f" retry_after={self.retry_after:.1f}"
         if self.unreachable:
             text += " unreachable=" + ",".join(self.unreachable)
+        if self.abandoned:
+            text += " abandoned (the membership changed during the pass)"
         return text
 
 
@@ -189,18 +194,27 @@ class Rebalancer:
         return self._plan(ring, self._survey(ring, instances, history))
 
     def reconcile(self, ring: Ring, instances: Iterable[Member | str] = (),
-                  history: MembershipHistory | None = None) -> ReconcileReport:
+                  history: MembershipHistory | None = None,
+                  latest: Callable[[], MembershipHistory] | None = None) -> ReconcileReport:
         """Run one reconciliation: every group ends on its owner only, newest copy kept.
 
         instances: every known pushgateway (ring members are added), so groups drain from an
         instance that left the ring while it is still reachable. history: when each left and
         rejoined the ring (pgwshard-sync's; None: nothing known, every copy counts by its push
-        time and an instance out of the ring is drained at once). Errors are counted in the
-        report, never raised: what failed stays where it is and is retried next time.
+        time and an instance out of the ring is drained at once). latest: the latest history;
+        once it is no longer `history` (a member left or joined during the pass: a hung one
+        whose listing held the survey until it resumed, its late writes then looking like the
+        owner's newest copies), the pass stops before its next write and reports `abandoned`.
+        Errors are counted in the report, never raised: what failed stays where it is and is
+        retried next time.
         """
         started = self._clock()
         report = ReconcileReport()
         holdings = self._survey(ring, instances, history)
+
+        def changed() -> bool:
+            report.abandoned = report.abandoned or (latest is not None and latest() is not history)
+            return report.abandoned
         report.unreachable = list(self.unreachable)
         # One owner at a time, so one listing of it serves the re-check of several PUTs (listing
         # 2,000 groups costs ~140 ms, a PUT ~25 ms). The sort is stable: a group's steps keep order.
@@ -212,6 +226,8 @@ class Rebalancer:
         # of each source, taken after the last PUT, then proves each copy unchanged.
         to_delete: list[tuple[Move, bool]] = []  # (move, count it as a delete)
         for move in moves:
+            if move.action in (COPY, DELETE) and changed():
+                break
             if move.action == WAIT:
                 report.waiting += 1
                 report.retry_after = move.wait if report.retry_after is None else min(report.retry_after, move.wait)
@@ -255,7 +271,7 @@ class Rebalancer:
             self._remember(move.key, move.pushed_at, move.target, moved=True)
             report.moved += 1
             to_delete.append((move, False))  # counted as moved, not as a delete
-        self._delete_unchanged(to_delete, holdings, report)
+        self._delete_unchanged(to_delete, holdings, report, changed)
         report.seconds = self._clock() - started
         self._waiting_gauge.set(report.waiting)
         self._moved.inc(report.moved)
@@ -472,7 +488,7 @@ class Rebalancer:
             pass  # the next pass sees the husk as an older copy and tries again
 
     def _delete_unchanged(self, moves: list[tuple[Move, bool]], holdings: Mapping[str, Mapping[GroupingKey, Group]],
-                          report: ReconcileReport) -> None:
+                          report: ReconcileReport, changed: Callable[[], bool] = lambda: False) -> None:
         """Delete each move's source copy if it still is exactly the surveyed one.
 
         Pushgateway has no conditional DELETE, so this narrows the race to one listing's age
@@ -481,6 +497,8 @@ class Rebalancer:
         """
         listings: dict[str, tuple[float, dict[GroupingKey, Group]]] = {}
         for move, count in sorted(moves, key=lambda m: m[0].source):  # one listing per source
+            if changed():
+                return  # a copy made stays beside its source: the next pass deletes the older
             try:
                 _, now_there = self._listing(move.source, listings)
             except UpstreamError as exc:

@@ -295,7 +295,8 @@ class Daemon:
     def _reconcile(self, placement: Placement, why: str) -> float | None:
         """One pass; seconds until another is due because copies wait for their clients'
         silence (rebalance.quiet), or None."""
-        report = self.rebalancer.reconcile(placement.ring, placement.instances, placement.history)
+        report = self.rebalancer.reconcile(placement.ring, placement.instances, placement.history,
+                                           latest=lambda: self.placement.history)
         self.passes.append((why, report))
         log.info("reconciliation (%s): %s", why, report)
         return None if report.retry_after is None else max(0.0, report.retry_after) + 0.5
@@ -425,7 +426,9 @@ class Daemon:
         refused = self._apply_tombstones(wanted - old)
         joiners = {m.name: m for m in wanted - old - refused}
         if joiners and self.rebalancer is not None and self.damper.applied is not None:  # not at start
-            removed, failed = self.rebalancer.clear_before_rejoin(joiners, self.known, self.placement.history)
+            # rivals from the healthy instances only: a hung one would hold this thread, and with
+            # it every membership change, for the listing's timeout
+            removed, failed = self.rebalancer.clear_before_rejoin(joiners, self._healthy, self.placement.history)
             for name, err in failed.items():
                 log.warning("%s stays out until its stale copies can be cleared: %s", name, err)
                 refused.add(joiners[name])

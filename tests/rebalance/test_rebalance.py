@@ -562,3 +562,36 @@ def test_a_late_write_of_a_group_deleted_after_its_instance_left_stays_deleted(p
     assert rebalancer.reconcile(ring, pgws_addresses(pgws)).deleted == 0  # by push time alone: kept
     assert rebalancer.reconcile(ring, pgws_addresses(pgws), history).deleted == 1
     assert placement(pgws) == {}
+
+
+def test_a_pass_whose_membership_changes_during_its_survey_writes_nothing(pushgateways, monkeypatch):
+    """The drill met it: a pass started with the owner in the ring; its listing of the owner hung
+    (SIGSTOP) until the owner resumed, by then out of the ring and holding its late writes, which
+    the pass, on its old membership, took for the owner's newest copies: it deleted the
+    acknowledged retries on the stand-in. A pass now stops before its next write once the
+    membership it started from is no longer the latest."""
+    pgws = pushgateways(2)
+    ring = ring_of(pgws)
+    key = KEYS[0]
+    owner, other = owner_and_other(pgws, ring, key)
+    push(other, key, 3)  # acknowledged on the stand-in
+    push(owner, key, 2)  # the hung owner's late write, stored after it left
+    started = MembershipHistory()
+    left = started.changed([other.address], pgws_addresses(pgws), _push_time(owner, key) - 1.0)
+    now = [started]
+    groups = PushgatewayClient.groups
+
+    def owner_leaves_while_listed(self):
+        listed = groups(self)
+        if self.name == owner.address:
+            now[0] = left  # pgwshard-sync applied the owner's leaving meanwhile
+        return listed
+
+    monkeypatch.setattr(PushgatewayClient, "groups", owner_leaves_while_listed)
+    report = Rebalancer(max_ops_per_second=500).reconcile(ring, pgws_addresses(pgws), started, latest=lambda: now[0])
+    assert report.abandoned and (report.moved, report.deleted) == (0, 0)
+    assert sorted(placement(pgws)[key]) == sorted([(owner.address, 2), (other.address, 3)])
+    monkeypatch.setattr(PushgatewayClient, "groups", groups)
+    now[0] = started  # the same survey, nothing changing: the pass deletes the stand-in's copy
+    assert Rebalancer(max_ops_per_second=500).reconcile(ring, pgws_addresses(pgws), started,
+                                                        latest=lambda: now[0]).deleted == 1
