@@ -27,7 +27,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from prometheus_client import CollectorRegistry
 
@@ -40,6 +40,9 @@ from .health.probes import ProbeHealth
 from .metrics import DaemonMetrics, serve
 from .settings import Settings, load_settings
 from .sinks import Sink, sinks_from_settings
+
+if TYPE_CHECKING:
+    from ..rebalance.rebalancer import ReconcileReport
 
 log = logging.getLogger("pgwshard.sync")
 # Waits between retries of a failing sink (the last one repeats): quick for a blip, then gentle.
@@ -209,7 +212,7 @@ class Daemon:
         self.placement = Placement(Ring(), tuple(sorted(self.known)), MembershipHistory())
         # The last passes, (why, report): why is change, follow-up, retry (copies waited for
         # their clients' silence) or periodic.
-        self.passes: deque[tuple[str, object]] = deque(maxlen=64)
+        self.passes: deque[tuple[str, ReconcileReport]] = deque(maxlen=64)
         self._had_good = False  # no write happens before the first good snapshot
         self._source_failing = False
         self._last_snapshot = time.monotonic()
