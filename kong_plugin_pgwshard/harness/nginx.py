@@ -5,7 +5,7 @@ import json
 import os
 from pathlib import Path
 
-from ..host.render import render
+from ..host.render import PushLimits, render
 from .processes import (
     ManagedProcess,
     PluginServer,
@@ -21,14 +21,17 @@ class NginxHost(ManagedProcess):
 
     def __init__(self, socket: str, plugin_config: dict, upstream: list[str], workers: int = 2,
                  port: int | None = None, read_timeout_ms: int = 5000, keepalive_pool: int = 64,
-                 host_settings: dict | None = None, deletes: str | None = None):
+                 host_settings: dict | None = None, deletes: str | None = None,
+                 limits: PushLimits | None = None):
         """host_settings: more keys of the host config (render's), e.g. {"fail_fast": True};
-        deletes: pgwshard-sync's delete API (render's)."""
+        deletes: pgwshard-sync's delete API (render's); limits: nginx's timeouts and sizes
+        towards the pushgateways (`pgwshard host render --read-timeout` ...)."""
         self.port = port or free_port()
         self.prefix = temp_dir("pgwshard-nginx-")
         os.chmod(self.prefix, 0o755)  # workers (never root) read the host config and write temp files here
         self.conf = render(self.prefix, f"127.0.0.1:{self.port}", socket, plugin_config, upstream, workers,
-                           read_timeout_ms, keepalive_pool, host_settings=host_settings, deletes=deletes)
+                           read_timeout_ms, keepalive_pool, host_settings=host_settings, deletes=deletes,
+                           limits=limits or PushLimits())
         super().__init__("nginx-host", ["nginx", "-p", self.prefix, "-c", str(self.conf), "-g", "daemon off;"])
 
     @property

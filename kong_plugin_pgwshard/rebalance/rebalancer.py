@@ -13,7 +13,12 @@ ring the plugin routes with) who owns each, and for every copy on a non-owner de
   survey saw (same push time, same families), read again after all the pass's copies: a client
   push that reached the old owner meanwhile is left for the next pass, never deleted;
 - the newest version this rebalancer ever saw of the group is gone from the instance that held
-  it (a client deleted it there)  -> the older copies are stale remains: delete them, never copy.
+  it (a client deleted it there)  -> the older copies are stale remains: delete them, never copy;
+- a copy an instance stored while it was out of the ring (a hung pushgateway applying pushes that
+  already got 504) loses to every copy stored in the ring, however new (history.py); an instance
+  out of the ring that answers keeps the groups of which it holds the best copy until it rejoins
+  or has been out `gone_after` seconds (it is probably about to rejoin: moving them away and
+  back would be two moves and duplicates in between).
 
 "Newest" compares when the data was pushed by a client: a copy made by the rebalancer carries
 the original push time in MARKER_FAMILY (and its own time in MOVED_FAMILY), because Pushgateway
@@ -22,6 +27,7 @@ alert expression that stays honest, and the window that remains.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +40,9 @@ from ..core.grouping import GroupingKey
 from ..core.ring import Member, Ring
 from ..errors import NoMembersError, UpstreamError
 from .exposition import families_to_text
+from .history import MembershipHistory
+
+log = logging.getLogger("pgwshard.rebalance")
 
 MARKER_FAMILY = "pgwshard_original_push_time_seconds"
 MARKER_HELP = "Last Unix time a client pushed this group, kept when pgwshard moved the group."
@@ -63,6 +72,9 @@ class Move:
     reason: str
     pushed_at: float     # when a client pushed the data of this copy
     wait: float = 0.0    # WAIT: seconds until it has been quiet long enough
+    # COPY over an owner copy stored while the owner was out of the ring: that copy's
+    # push_time_seconds (the PUT may replace it although it looks newer).
+    replaces: float | None = None
 
 
 @dataclass
@@ -82,6 +94,9 @@ class ReconcileReport:
     window_seconds: float = 0.0
     unreachable: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    # The membership changed during the pass (`latest`): it stopped before its next write; the
+    # change's own pass follows.
+    abandoned: bool = False
 
     def __str__(self) -> str:
         text = (f"moved={self.moved} deleted={self.deleted} skipped={self.skipped} "
@@ -90,6 +105,8 @@ class ReconcileReport:
             text += f" retry_after={self.retry_after:.1f}"
         if self.unreachable:
             text += " unreachable=" + ",".join(self.unreachable)
+        if self.abandoned:
+            text += " abandoned (the membership changed during the pass)"
         return text
 
 
@@ -123,7 +140,8 @@ class Rebalancer:
                  registry: CollectorRegistry | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep, tombstones: Any = None,
-                 quiet: float | None = None, wall_clock: Callable[[], float] = time.time):
+                 quiet: float | None = None, wall_clock: Callable[[], float] = time.time,
+                 gone_after: float | None = None):
         if max_ops_per_second is None:
             max_ops_per_second = _setting(settings, "max_ops_per_second", 50.0)
         if not max_ops_per_second > 0:
@@ -132,6 +150,11 @@ class Rebalancer:
         self.timeout = timeout
         self.recheck_max_age = recheck_max_age
         self.quiet = float(_setting(settings, "quiet", 0.0) if quiet is None else quiet)
+        # An instance out of the ring this long (by the history) is drained like any leaver;
+        # before, it keeps the groups of which it holds the best copy (it is about to rejoin).
+        self.gone_after = float(_setting(settings, "gone_after", 60.0) if gone_after is None else gone_after)
+        self._history = MembershipHistory()
+        self._ring_names: frozenset[str] = frozenset()
         self._wall_clock = wall_clock
         self._waiting: dict[GroupingKey, _Waiting] = {}
         # Deletes clients made through pgwshard-sync (sync/deletes.py): covered copies are
@@ -149,7 +172,8 @@ class Rebalancer:
         self._deleted = Counter("pgwshard_rebalance_groups_deleted",
                                 "Stale group copies deleted from non-owners.", registry=registry)
         self._skipped = Counter("pgwshard_rebalance_groups_skipped",
-                                "Groups left for a later pass (owner unreachable).", registry=registry)
+                                "Groups left for a later pass (owner unreachable, copy changed, holder about to "
+                                "rejoin).", registry=registry)
         self._failed = Counter("pgwshard_rebalance_groups_failed",
                                "Group copies or deletes that failed.", registry=registry)
         self._waiting_gauge = Gauge("pgwshard_rebalance_groups_waiting",
@@ -161,23 +185,36 @@ class Rebalancer:
         self._seconds = Histogram("pgwshard_rebalance_seconds", "Seconds per reconciliation.",
                                   buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900), registry=registry)
 
-    def plan(self, ring: Ring, instances: Iterable[Member | str] = ()) -> list[Move]:
+    def plan(self, ring: Ring, instances: Iterable[Member | str] = (),
+             history: MembershipHistory | None = None) -> list[Move]:
         """List every reachable instance and return the steps a reconciliation would take.
 
         Changes nothing on any instance. Unreachable instances are named in self.unreachable.
         """
-        return self._plan(ring, self._survey(ring, instances))
+        return self._plan(ring, self._survey(ring, instances, history))
 
-    def reconcile(self, ring: Ring, instances: Iterable[Member | str] = ()) -> ReconcileReport:
+    def reconcile(self, ring: Ring, instances: Iterable[Member | str] = (),
+                  history: MembershipHistory | None = None,
+                  latest: Callable[[], MembershipHistory] | None = None) -> ReconcileReport:
         """Run one reconciliation: every group ends on its owner only, newest copy kept.
 
         instances: every known pushgateway (ring members are added), so groups drain from an
-        instance that left the ring while it is still reachable. Errors are counted in the
-        report, never raised: what failed stays where it is and is retried next time.
+        instance that left the ring while it is still reachable. history: when each left and
+        rejoined the ring (pgwshard-sync's; None: nothing known, every copy counts by its push
+        time and an instance out of the ring is drained at once). latest: the latest history;
+        once it is no longer `history` (a member left or joined during the pass: a hung one
+        whose listing held the survey until it resumed, its late writes then looking like the
+        owner's newest copies), the pass stops before its next write and reports `abandoned`.
+        Errors are counted in the report, never raised: what failed stays where it is and is
+        retried next time.
         """
         started = self._clock()
         report = ReconcileReport()
-        holdings = self._survey(ring, instances)
+        holdings = self._survey(ring, instances, history)
+
+        def changed() -> bool:
+            report.abandoned = report.abandoned or (latest is not None and latest() is not history)
+            return report.abandoned
         report.unreachable = list(self.unreachable)
         # One owner at a time, so one listing of it serves the re-check of several PUTs (listing
         # 2,000 groups costs ~140 ms, a PUT ~25 ms). The sort is stable: a group's steps keep order.
@@ -189,6 +226,8 @@ class Rebalancer:
         # of each source, taken after the last PUT, then proves each copy unchanged.
         to_delete: list[tuple[Move, bool]] = []  # (move, count it as a delete)
         for move in moves:
+            if move.action in (COPY, DELETE) and changed():
+                break
             if move.action == WAIT:
                 report.waiting += 1
                 report.retry_after = move.wait if report.retry_after is None else min(report.retry_after, move.wait)
@@ -212,7 +251,8 @@ class Rebalancer:
                 if current is not None and client_push_time(current) == move.pushed_at:
                     self._delete(move, report)
                 continue
-            if current is not None and client_push_time(current) >= move.pushed_at:
+            if (current is not None and client_push_time(current) >= move.pushed_at
+                    and current.push_time != move.replaces):
                 # A client pushed to the owner since the survey: its copy wins.
                 to_delete.append((move, True))
                 continue
@@ -226,11 +266,12 @@ class Rebalancer:
                 self._remove_husk(move)
                 continue
             owner_now[move.key] = group
+            log.debug("copied %s from %s to %s: %s", move.key, move.source, move.target, move.reason)
             report.window_seconds = max(report.window_seconds, self._clock() - listed_at)
             self._remember(move.key, move.pushed_at, move.target, moved=True)
             report.moved += 1
             to_delete.append((move, False))  # counted as moved, not as a delete
-        self._delete_unchanged(to_delete, holdings, report)
+        self._delete_unchanged(to_delete, holdings, report, changed)
         report.seconds = self._clock() - started
         self._waiting_gauge.set(report.waiting)
         self._moved.inc(report.moved)
@@ -240,10 +281,66 @@ class Rebalancer:
         self._seconds.observe(report.seconds)
         return report
 
+    def clear_before_rejoin(self, joiners: Iterable[str], instances: Iterable[Member | str],
+                            history: MembershipHistory) -> tuple[dict[str, int], dict[str, UpstreamError]]:
+        """Delete from each joiner (out of the ring, about to rejoin) every copy that loses to a
+        copy elsewhere: older, or stored while the joiner was out of the ring (`history`). Then
+        it serves no stale copy from the moment it rejoins (a restarted pushgateway comes back
+        with its persistence file while the stand-ins hold newer copies).
+
+        Returns how many copies each joiner lost, and the error of each joiner that could not be
+        listed or cleared (it should stay out); an other instance that does not answer only
+        gives no evidence. Uses clients of its own: safe beside a pass on another thread.
+        """
+        joining = sorted(set(joiners))
+        names = sorted({_name(i) for i in instances} | set(joining))
+        clients = {name: PushgatewayClient(name, timeout=self.timeout) for name in names}
+        try:
+            holdings: dict[str, dict[GroupingKey, Group]] = {}
+            failed: dict[str, UpstreamError] = {}
+            for name in names:
+                try:
+                    holdings[name] = {g.key: g for g in clients[name].groups()}
+                except UpstreamError as err:
+                    if name in joining:
+                        failed[name] = err
+            removed: dict[str, int] = {}
+            for joiner in [j for j in joining if j not in failed]:
+                stale = []
+                for key, group in holdings[joiner].items():
+                    if self.tombstones is not None and self.tombstones.covers(key, _sent_by(history, joiner, group)):
+                        stale.append(key)  # a late write of a group a client deleted meanwhile
+                        continue
+                    rivals = [_rank(history, n, held[key]) for n, held in holdings.items()
+                              if n != joiner and key in held]
+                    if rivals and _rank(history, joiner, group) < max(rivals):
+                        stale.append(key)
+                removed[joiner] = 0
+                if not stale:
+                    continue
+                try:
+                    now_there = {g.key: g for g in clients[joiner].groups()}
+                    for key in stale:
+                        current, surveyed = now_there.get(key), holdings[joiner][key]
+                        if current is None or current.push_time != surveyed.push_time:
+                            continue  # gone, or pushed again meanwhile: not what lost
+                        clients[joiner].delete_group(key)
+                        log.debug("deleted %s on %s before it rejoins: lost to a copy elsewhere", key, joiner)
+                        removed[joiner] += 1
+                except UpstreamError as err:
+                    failed[joiner] = err
+            return removed, failed
+        finally:
+            for client in clients.values():
+                client.close()
+
     # -- listing and deciding (no writes) -------------------------------------------------
 
-    def _survey(self, ring: Ring, instances: Iterable[Member | str]) -> dict[str, dict[GroupingKey, Group]]:
+    def _survey(self, ring: Ring, instances: Iterable[Member | str],
+                history: MembershipHistory | None = None) -> dict[str, dict[GroupingKey, Group]]:
         names = {_name(i) for i in instances} | {m.name for m in ring.members}
+        self._history = history or MembershipHistory()
+        self._ring_names = frozenset(m.name for m in ring.members)
         holdings: dict[str, dict[GroupingKey, Group]] = {}
         self.unreachable = []
         for name in sorted(names):
@@ -259,7 +356,8 @@ class Rebalancer:
         for name, groups in holdings.items():
             for key, group in groups.items():
                 present.add(key)
-                self._remember(key, client_push_time(group), name)
+                if not self._late(name, group):  # evidence of deletes comes from acknowledged copies only
+                    self._remember(key, client_push_time(group), name)
         if not self.unreachable:
             # Every instance answered: groups found nowhere need no memory any more.
             for key in [k for k in self._newest if k not in present]:
@@ -286,12 +384,24 @@ class Rebalancer:
             group_copies = copies[key]
             if self.tombstones is not None:
                 dead = sorted(n for n, g in group_copies.items()
-                              if self.tombstones.covers(key, client_push_time(g)))
+                              if self.tombstones.covers(key, _sent_by(self._history, n, g)))
                 moves += [Move(key, n, owner, DELETE, "deleted by a client (tombstone)",
                                client_push_time(group_copies[n])) for n in dead]
                 group_copies = {n: g for n, g in group_copies.items() if n not in dead}
             moves += self._plan_group(key, owner, group_copies, waiting.get(key))
         return moves
+
+    def _late(self, name: str, group: Group) -> bool:
+        return self._history.was_out(name, group.push_time)
+
+    def _rank(self, name: str, group: Group) -> tuple[bool, float]:
+        return _rank(self._history, name, group)
+
+    def _returning(self, name: str) -> bool:
+        """Out of the ring (and answering) for less than gone_after: probably about to rejoin."""
+        since = self._history.out_since(name)
+        return (name not in self._ring_names and since is not None
+                and self._wall_clock() - since < self.gone_after)
 
     def _plan_group(self, key: GroupingKey, owner: str, copies: Mapping[str, Group],
                     waited: _Waiting | None = None) -> list[Move]:
@@ -311,16 +421,22 @@ class Rebalancer:
 
         if owner in self.unreachable:
             return [step(name, SKIP, "owner unreachable") for name in sorted(strays)]
-        newest = max(sorted(strays), key=lambda name: client_push_time(strays[name]))
+        newest = max(sorted(strays), key=lambda name: self._rank(name, strays[name]))
         newest_at = client_push_time(strays[newest])
-        if at_owner is not None and client_push_time(at_owner) >= newest_at:
+        if at_owner is not None and self._rank(owner, at_owner) >= self._rank(newest, strays[newest]):
             return [step(name, DELETE, "owner holds a newer copy") for name in sorted(strays)]
-        if seen is not None and seen.pushed_at > max(newest_at, client_push_time(at_owner) if at_owner else 0.0):
+        replaces = at_owner.push_time if at_owner is not None and self._late(owner, at_owner) else None
+        owner_at = client_push_time(at_owner) if at_owner is not None and replaces is None else 0.0
+        if seen is not None and seen.pushed_at > max(newest_at, owner_at):
             if seen.instance in self.unreachable:
                 return [step(name, SKIP, f"newer copy on unreachable {seen.instance}")
                         for name in sorted(strays)]
             # The newest version we saw is gone from where it was: a client deleted the group.
             return [step(name, DELETE, "group was deleted after a newer push") for name in sorted(strays)]
+        if self._returning(newest):
+            # Its holder is back up and rejoins once held down: it keeps the group meanwhile
+            # (pushes go to the owner; one after its copy makes that copy older, deleted then).
+            return [step(name, SKIP, f"best copy on {newest}, which is about to rejoin") for name in sorted(strays)]
         wait = self._still_to_wait(key, newest, newest_at, waited) if self.quiet > 0 else 0.0
         if wait > 0:
             # Its client may push again, to the owner: a PUT racing that push would overwrite it
@@ -328,7 +444,10 @@ class Rebalancer:
             # seconds of silence (then the copy is PUT) decide at a later pass.
             moves = [Move(key, newest, owner, WAIT, f"pushed less than {self.quiet:g} s ago", newest_at, wait)]
         else:
-            moves = [step(newest, COPY, "owner lacks it" if at_owner is None else "owner holds an older copy")]
+            moves = [Move(key, newest, owner, COPY,
+                          "owner lacks it" if at_owner is None else
+                          "owner holds an older copy" if replaces is None else
+                          "owner's copy was stored while it was out of the ring", newest_at, replaces=replaces)]
         moves += [step(name, DELETE, "a newer copy is elsewhere") for name in sorted(strays) if name != newest]
         return moves
 
@@ -369,7 +488,7 @@ class Rebalancer:
             pass  # the next pass sees the husk as an older copy and tries again
 
     def _delete_unchanged(self, moves: list[tuple[Move, bool]], holdings: Mapping[str, Mapping[GroupingKey, Group]],
-                          report: ReconcileReport) -> None:
+                          report: ReconcileReport, changed: Callable[[], bool] = lambda: False) -> None:
         """Delete each move's source copy if it still is exactly the surveyed one.
 
         Pushgateway has no conditional DELETE, so this narrows the race to one listing's age
@@ -378,6 +497,8 @@ class Rebalancer:
         """
         listings: dict[str, tuple[float, dict[GroupingKey, Group]]] = {}
         for move, count in sorted(moves, key=lambda m: m[0].source):  # one listing per source
+            if changed():
+                return  # a copy made stays beside its source: the next pass deletes the older
             try:
                 _, now_there = self._listing(move.source, listings)
             except UpstreamError as exc:
@@ -401,6 +522,7 @@ class Rebalancer:
             report.failed += 1
             report.errors.append(str(exc))
             return
+        log.debug("deleted %s on %s: %s", move.key, move.source, move.reason if count else "copied to its owner")
         if count:
             report.deleted += 1
 
@@ -429,6 +551,21 @@ def client_push_time(group: Group) -> float:
     if original is not None and moved is not None and group.push_time - moved <= MARKER_SLACK_SECONDS:
         return original
     return group.push_time
+
+
+def _rank(history: MembershipHistory, name: str, group: Group) -> tuple[bool, float]:
+    """Which copy wins: one stored while its instance was in the ring over one stored while it
+    was out (never acknowledged through a gateway: a hung pushgateway applying pushes that got
+    504), then the newest client push. push_time_seconds is the instance's own write time."""
+    return (not history.was_out(name, group.push_time), client_push_time(group))
+
+
+def _sent_by(history: MembershipHistory, name: str, group: Group) -> float:
+    """The latest time the client can have sent this copy's data: its push time, or for a copy
+    stored while its instance was out of the ring (a late write), when the instance left: no
+    gateway routed to it after that. A delete acknowledged since then covers it."""
+    outage = history.outage_at(name, group.push_time)
+    return client_push_time(group) if outage is None else outage.left
 
 
 def _gauge(group: Group, name: str) -> float | None:

@@ -25,18 +25,24 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 from prometheus_client import CollectorRegistry
 
 from ..core.ring import Member, Ring
 from ..errors import ConfigError, UpstreamError
+from ..rebalance.history import MembershipHistory
 from .health import HealthSnapshot, HealthSource
 from .health.consul import ConsulHealth, consul_client
 from .health.probes import ProbeHealth
 from .metrics import DaemonMetrics, serve
 from .settings import Settings, load_settings
 from .sinks import Sink, sinks_from_settings
+
+if TYPE_CHECKING:
+    from ..rebalance.rebalancer import ReconcileReport
 
 log = logging.getLogger("pgwshard.sync")
 # Failures of one rebalance pass logged one by one; a pass failing every group logs this many.
@@ -52,6 +58,14 @@ KONG_NODES_POLL_SECONDS = 2.0
 # How often an idle sink asks its target whether it still holds what it took (DeclarativeSink:
 # one GET /status per node): a Kong node that reloaded its file is put back within this.
 DRIFT_CHECK_SECONDS = 2.0
+
+
+class Placement(NamedTuple):
+    """What a rebalance pass reads: one membership, never mutated (a change replaces it whole)."""
+
+    ring: Ring
+    instances: tuple[Member, ...]    # every known pushgateway, in the ring or not
+    history: MembershipHistory       # when each left and rejoined the ring (wall clock)
 
 
 class Damper:
@@ -223,9 +237,12 @@ class Daemon:
         self._snapshots: queue.Queue[HealthSnapshot] = queue.Queue()
         self._rebalance_wanted = threading.Event()
         self._changed_at = 0.0  # monotonic time of the last membership change
-        # What the rebalance thread reads: one immutable (ring, known instances) pair, replaced
-        # whole by the main thread, never mutated, so a pass sees one consistent membership.
-        self.placement: tuple[Ring, tuple[Member, ...]] = (Ring(), tuple(sorted(self.known)))
+        # What the rebalance thread reads: one immutable Placement, replaced whole by the main
+        # thread, never mutated, so a pass sees one consistent membership.
+        self.placement = Placement(Ring(), tuple(sorted(self.known)), MembershipHistory())
+        # The last passes, (why, report): why is change, follow-up, retry (copies waited for
+        # their clients' silence) or periodic.
+        self.passes: deque[tuple[str, ReconcileReport]] = deque(maxlen=64)
         self._had_good = False  # no write happens before the first good snapshot
         self._source_failing = False
         self._last_snapshot = time.monotonic()
@@ -297,24 +314,27 @@ class Daemon:
         synced = self.synced
         self.stop.set()
         watcher.join(timeout=1)  # a blocking Consul query may outlive this; the thread is a daemon
-        ring, instances = self.placement
-        if synced and self.rebalancer is not None and ring.members:
+        placement = self.placement
+        if synced and self.rebalancer is not None and placement.ring.members:
             time.sleep(self.settings.rebalance.settle)  # until the gateways follow the new set
             # copies waiting for their clients' silence get passes until they moved (bounded:
             # a copy that keeps being pushed moves after MAX_WAIT_QUIETS x quiet anyway)
             from ..rebalance.rebalancer import MAX_WAIT_QUIETS
+            again_in: float | None = None
             for _ in range(MAX_WAIT_QUIETS + 2):
-                again_in = self._reconcile(ring, instances)
+                again_in = self._reconcile(placement, "change" if again_in is None else "retry")
                 if again_in is None:
                     break
                 time.sleep(again_in)
         return synced
 
-    def _reconcile(self, ring: Ring, instances: tuple[Member, ...]) -> float | None:
+    def _reconcile(self, placement: Placement, why: str) -> float | None:
         """One pass; seconds until another is due because copies wait for their clients'
         silence (rebalance.quiet), or None."""
-        report = self.rebalancer.reconcile(ring, instances)
-        log.info("reconciliation: %s", report)
+        report = self.rebalancer.reconcile(placement.ring, placement.instances, placement.history,
+                                           latest=lambda: self.placement.history)
+        self.passes.append((why, report))
+        log.info("reconciliation (%s): %s", why, report)
         # each failure names the group and the answer (PgwshardRebalanceFailures sends people here)
         for error in report.errors[:REBALANCE_ERRORS_LOGGED]:
             log.warning("rebalance: %s", error)
@@ -428,7 +448,7 @@ class Daemon:
         self._had_good = True
         if not healthy <= self.known:
             self.known = self.known | healthy
-            self.placement = (self.placement[0], tuple(sorted(self.known)))
+            self.placement = self.placement._replace(instances=tuple(sorted(self.known)))
         self.damper.observe(healthy)
 
     def _apply(self, wanted: frozenset[Member] | None) -> None:
@@ -445,7 +465,9 @@ class Daemon:
             self.damper.applied = wanted
             self.metrics.members.set(len(wanted))
             self.metrics.changes.inc()
-            self.placement = (Ring(wanted), tuple(sorted(self.known)))
+            history = self.placement.history.changed((m.name for m in wanted), (m.name for m in self.known),
+                                                     time.time())
+            self.placement = Placement(Ring(wanted), tuple(sorted(self.known)), history)
             self._changed_at = time.monotonic()
             for worker in self.workers:
                 worker.offer(wanted)
@@ -460,15 +482,33 @@ class Daemon:
             self.metrics.last_good_sync = time.time()
 
     def _admit(self, wanted: frozenset[Member], old: frozenset[Member]) -> frozenset[Member]:
-        """Joining members get the tombstones applied first: a pushgateway that was away when
-        a client deleted a group must not serve (or be the source of a move of) its old copy.
-        One that cannot take them stays out and is tried again at the next step."""
+        """Joining members are cleared first: the tombstones applied (a pushgateway that was
+        away when a client deleted a group must not serve, or be the source of a move of, its
+        old copy), then every copy it holds that loses to a copy elsewhere deleted (one it kept
+        from before a restart, or stored while it was out of the ring). One that cannot be
+        cleared stays out and is tried again at the next step."""
+        refused = self._apply_tombstones(wanted - old)
+        joiners = {m.name: m for m in wanted - old - refused}
+        if joiners and self.rebalancer is not None and self.damper.applied is not None:  # not at start
+            # rivals from the healthy instances only: a hung one would hold this thread, and with
+            # it every membership change, for the listing's timeout
+            removed, failed = self.rebalancer.clear_before_rejoin(joiners, self._healthy, self.placement.history)
+            for name, err in failed.items():
+                log.warning("%s stays out until its stale copies can be cleared: %s", name, err)
+                refused.add(joiners[name])
+            for name, count in removed.items():
+                if count:
+                    log.info("%s rejoins: deleted %d copy(ies) that lost to a copy elsewhere", name, count)
+        return wanted - refused
+
+    def _apply_tombstones(self, joiners: frozenset[Member]) -> set[Member]:
+        """The joiners that could not take the tombstones."""
         if self.tombstones is None or not len(self.tombstones):
-            return wanted
+            return set()
         from ..clients.pushgateway import PushgatewayClient
         from .deletes import apply_tombstones
         refused = set()
-        for member in wanted - old:
+        for member in joiners:
             client = PushgatewayClient(member.name)
             try:
                 removed = apply_tombstones(client, self.tombstones)
@@ -479,34 +519,41 @@ class Daemon:
                 refused.add(member)
             finally:
                 client.close()
-        return wanted - refused
+        return refused
 
     def _rebalance_loop(self) -> None:
         """A pass every rebalance.interval; after a membership change one pass once it settled
         (every gateway can have read the new membership, so none pushes to an old owner any
         more), and a follow-up pass rebalance.follow_up later for copies recreated meanwhile."""
         rb = self.settings.rebalance
-        follow_up_at: float | None = None
+        follow_up_at: float | None = None  # the change's second pass
+        retry_at: float | None = None      # copies waiting for their clients' silence
         while not self.stop.is_set():
-            wait = rb.interval if follow_up_at is None else max(0.0, follow_up_at - time.monotonic())
-            changed = self._rebalance_wanted.wait(min(wait, rb.interval))
+            due = [t - time.monotonic() for t in (follow_up_at, retry_at) if t is not None]
+            changed = self._rebalance_wanted.wait(max(0.0, min([rb.interval, *due])))
             if self.stop.is_set():
                 return
+            now = time.monotonic()
             if changed:
                 self._wait_settled()
                 follow_up_at = time.monotonic() + rb.follow_up if rb.follow_up > 0 else None
-            elif follow_up_at is not None and time.monotonic() >= follow_up_at:
-                follow_up_at = None
+                why = "change"
+            elif follow_up_at is not None and now >= follow_up_at:
+                follow_up_at, why = None, "follow-up"
+            elif retry_at is not None and now >= retry_at:
+                retry_at, why = None, "retry"
+            else:
+                why = "periodic"
             if self.stop.is_set():
                 return
-            ring, instances = self.placement  # one immutable snapshot for the whole pass
-            if self.damper.applied is None or not ring.members:
+            placement = self.placement  # one immutable snapshot for the whole pass
+            if self.damper.applied is None or not placement.ring.members:
                 continue
             try:
-                again_in = self._reconcile(ring, instances)
+                again_in = self._reconcile(placement, why)
                 if again_in is not None:
-                    due = time.monotonic() + again_in
-                    follow_up_at = due if follow_up_at is None else min(follow_up_at, due)
+                    due_at = time.monotonic() + again_in
+                    retry_at = due_at if retry_at is None else min(retry_at, due_at)
             except Exception:  # noqa: BLE001 - a failed pass is retried at the next one
                 log.exception("reconciliation failed; the next pass retries")
 

@@ -98,6 +98,10 @@ class RebalanceSettings:
     # still pushing pushes to the owner itself, and a PUT racing that push would overwrite it
     # (Pushgateway has no conditional write). 0 moves at once.
     quiet: float = 10.0
+    # A pushgateway out of the ring that still answers (rising, held down after a restart)
+    # keeps the groups of which it holds the best copy for this long, then is drained like
+    # any leaver: moving them to stand-ins and back would be two moves and duplicates.
+    gone_after: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -337,7 +341,7 @@ def parse_settings(data: Any, source: str, environ: Mapping[str, str] = os.envir
     rebalance = RebalanceSettings(rb.boolean("enabled", True), rb.duration("interval", 60.0, minimum=1.0),
                                   rb.number("max_ops_per_second", 50.0, minimum=0.1),
                                   rb.duration("settle", 3.0), rb.duration("follow_up", 5.0),
-                                  rb.duration("quiet", 10.0))
+                                  rb.duration("quiet", 10.0), rb.duration("gone_after", 60.0))
     rb.done()
     deletes = None
     if top.has("deletes"):

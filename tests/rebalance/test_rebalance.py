@@ -12,6 +12,7 @@ from kong_plugin_pgwshard.clients.pushgateway import PushgatewayClient
 from kong_plugin_pgwshard.core.grouping import GroupingKey
 from kong_plugin_pgwshard.core.ring import Member, Ring
 from kong_plugin_pgwshard.harness.processes import wait_until
+from kong_plugin_pgwshard.rebalance.history import MembershipHistory
 from kong_plugin_pgwshard.rebalance.rebalancer import (
     COPY,
     DELETE,
@@ -489,8 +490,13 @@ def test_a_waiting_copy_moves_after_quiet_of_our_clock_and_is_not_held_forever(p
     ahead = Rebalancer(max_ops_per_second=500, quiet=10, wall_clock=lambda: time.time() - 3600,
                        clock=lambda: mono[0], sleep=lambda _: None)
     push(other, key, 1)
-    assert ahead.reconcile(ring, pgws_addresses(pgws)).waiting == 1
-    mono[0] += 10
+    for elapsed in (0.0, 2.5, 5.0, 9.9):  # our clock, since the copy was first seen
+        mono[0] = 1000.0 + elapsed
+        report = ahead.reconcile(ring, pgws_addresses(pgws))
+        assert (report.waiting, report.moved) == (1, 0)
+        assert report.retry_after == pytest.approx(10 - elapsed)
+        assert placement(pgws) == {key: [(other.address, 1)]}
+    mono[0] = 1010.0
     assert ahead.reconcile(ring, pgws_addresses(pgws)).moved == 1
     assert placement(pgws) == {key: [(owner.address, 1)]}
 
@@ -503,5 +509,89 @@ def test_a_waiting_copy_moves_after_quiet_of_our_clock_and_is_not_held_forever(p
             break
         assert report.waiting == 1
         mono[0] += 5
-    assert report.moved == 1 and mono[0] - 1010 >= MAX_WAIT_QUIETS * 10
+    assert report.moved == 1 and mono[0] - 1010 == MAX_WAIT_QUIETS * 10  # not before, not later
     assert (owner.address, value) in placement(pgws)[stray]
+
+
+def _push_time(pgw, key: GroupingKey) -> float:
+    return next(g.push_time for g in PushgatewayClient(pgw.address).groups() if g.key == key)
+
+
+def test_a_copy_stored_while_its_instance_was_out_of_the_ring_loses_to_one_stored_in_it(pushgateways):
+    """Issue 21, finding 1 (tests/sync/test_rejoin.py drives it with a real hang): the owner,
+    back in the ring, holds a copy it stored while it was out (a push that had got 504), newer
+    than the acknowledged copy elsewhere. The acknowledged one wins, also on the next pass, and
+    the late copy is no evidence of a delete."""
+    pgws = pushgateways(2)
+    ring = ring_of(pgws)
+    key = KEYS[0]
+    owner, other = owner_and_other(pgws, ring, key)
+    push(other, key, 3)  # the acknowledged retry, on the stand-in
+    push(owner, key, 2)  # the late write, stored after the owner left the ring
+    late = _push_time(owner, key)
+    history = MembershipHistory().changed([other.address], pgws_addresses(pgws), late - 1.0)
+    # without the history, the late copy looks newest: the acknowledged one would be deleted
+    blind = Rebalancer(max_ops_per_second=500).plan(ring, pgws_addresses(pgws))
+    assert [(m.source, m.action) for m in blind] == [(other.address, DELETE)]
+    history = history.changed(pgws_addresses(pgws), pgws_addresses(pgws), late + 1.0)  # it rejoined
+    rebalancer = Rebalancer(max_ops_per_second=500)
+    report = rebalancer.reconcile(ring, pgws_addresses(pgws), history)
+    assert (report.moved, report.failed) == (1, 0)
+    assert placement(pgws) == {key: [(owner.address, 3)]}
+    again = rebalancer.reconcile(ring, pgws_addresses(pgws), history)
+    assert (again.moved, again.deleted) == (0, 0) and placement(pgws) == {key: [(owner.address, 3)]}
+
+
+def test_a_late_write_of_a_group_deleted_after_its_instance_left_stays_deleted(pushgateways):
+    """A delete acknowledged after the owner left the ring covers what the owner stores later
+    from before it left: no gateway routed a push to it in between."""
+    pgws = pushgateways(2)
+    ring = ring_of(pgws)
+    key = KEYS[0]
+    owner, _ = owner_and_other(pgws, ring, key)
+    push(owner, key, 2)
+    late = _push_time(owner, key)
+
+    class DeletedBeforeTheLateWrite:
+        def covers(self, k: GroupingKey, pushed_at: float) -> bool:
+            return k == key and pushed_at <= late - 1.0
+
+    history = (MembershipHistory().changed([p.address for p in pgws if p is not owner], pgws_addresses(pgws), late - 2.0)
+               .changed(pgws_addresses(pgws), pgws_addresses(pgws), late + 1.0))
+    rebalancer = Rebalancer(max_ops_per_second=500, tombstones=DeletedBeforeTheLateWrite())
+    assert rebalancer.reconcile(ring, pgws_addresses(pgws)).deleted == 0  # by push time alone: kept
+    assert rebalancer.reconcile(ring, pgws_addresses(pgws), history).deleted == 1
+    assert placement(pgws) == {}
+
+
+def test_a_pass_whose_membership_changes_during_its_survey_writes_nothing(pushgateways, monkeypatch):
+    """The drill met it: a pass started with the owner in the ring; its listing of the owner hung
+    (SIGSTOP) until the owner resumed, by then out of the ring and holding its late writes, which
+    the pass, on its old membership, took for the owner's newest copies: it deleted the
+    acknowledged retries on the stand-in. A pass now stops before its next write once the
+    membership it started from is no longer the latest."""
+    pgws = pushgateways(2)
+    ring = ring_of(pgws)
+    key = KEYS[0]
+    owner, other = owner_and_other(pgws, ring, key)
+    push(other, key, 3)  # acknowledged on the stand-in
+    push(owner, key, 2)  # the hung owner's late write, stored after it left
+    started = MembershipHistory()
+    left = started.changed([other.address], pgws_addresses(pgws), _push_time(owner, key) - 1.0)
+    now = [started]
+    groups = PushgatewayClient.groups
+
+    def owner_leaves_while_listed(self):
+        listed = groups(self)
+        if self.name == owner.address:
+            now[0] = left  # pgwshard-sync applied the owner's leaving meanwhile
+        return listed
+
+    monkeypatch.setattr(PushgatewayClient, "groups", owner_leaves_while_listed)
+    report = Rebalancer(max_ops_per_second=500).reconcile(ring, pgws_addresses(pgws), started, latest=lambda: now[0])
+    assert report.abandoned and (report.moved, report.deleted) == (0, 0)
+    assert sorted(placement(pgws)[key]) == sorted([(owner.address, 2), (other.address, 3)])
+    monkeypatch.setattr(PushgatewayClient, "groups", groups)
+    now[0] = started  # the same survey, nothing changing: the pass deletes the stand-in's copy
+    assert Rebalancer(max_ops_per_second=500).reconcile(ring, pgws_addresses(pgws), started,
+                                                        latest=lambda: now[0]).deleted == 1

@@ -378,7 +378,8 @@ def test_drift_in_kong_is_repaired_without_a_membership_change(pushgateways, kon
 def test_a_copy_recreated_on_the_old_owner_after_a_change_is_moved_by_the_follow_up(pushgateways, restart,
                                                                                     tmp_path):
     """Issue 14: a push from a gateway that still routes by the old membership recreated a copy on
-    the old owner after the change's pass; it stayed until the periodic pass (60 s here)."""
+    the old owner after the change's pass; it stayed until the periodic pass (60 s here). The
+    pass that moves it must be the follow-up (quiet 0: no pass waits for a client's silence)."""
     pgws = pushgateways(2)
     sd = tmp_path / "sd.json"
     settings = parse_settings({
@@ -386,8 +387,8 @@ def test_a_copy_recreated_on_the_old_owner_after_a_change_is_moved_by_the_follow
         "health": {"probes": {"interval": 0.2, "timeout": 0.5, "rise": 1, "fall": 1}},
         "membership": {"hold_down": 0.5},
         "file_sd": {"path": str(sd)},
-        "rebalance": {"enabled": True, "quiet": "1s", "interval": "60s", "max_ops_per_second": 200,
-                      "settle": "1s", "follow_up": "2s"},
+        "rebalance": {"enabled": True, "quiet": "0s", "interval": "60s", "max_ops_per_second": 200,
+                      "settle": "1s", "follow_up": "3s"},
     }, "test")
     keys = [GroupingKey.from_labels({"job": "batch", "instance": f"i{n}"}) for n in range(8)]
 
@@ -410,11 +411,14 @@ def test_a_copy_recreated_on_the_old_owner_after_a_change_is_moved_by_the_follow
         ring = Ring(Member.parse(p.address) for p in pgws)
         theirs = [k for k in keys if ring.owner(k).name == pgws[1].address]
         assert theirs
-        moved = "pgwshard_rebalance_groups_moved_total"
-        wait_until(lambda: daemon.registry.get_sample_value(moved) == len(theirs), 15, what="the change's pass")
+        wait_until(lambda: [(why, r.moved) for why, r in daemon.passes][-1:] == [("change", len(theirs))], 15,
+                   what="the change's pass")
+        before = len(daemon.passes)
         put(pgws[0], theirs[0], 2)  # a gateway still on the old membership
         wait_until(lambda: held(pgws[1]).get(str(theirs[0])) == 2 and str(theirs[0]) not in held(pgws[0]),
-                   15, what="the late push moved to the owner by the follow-up pass")
+                   15, what="the late push moved to the owner")
+        movers = [why for why, report in list(daemon.passes)[before:] if report.moved]
+        assert movers == ["follow-up"]
 
 
 def test_a_sink_worker_gives_a_drifted_sink_its_last_set_again_between_changes():

@@ -2,7 +2,12 @@
 Real pushgateways, the Kong Admin API double, a Kong that accepts and never answers."""
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
+
 from kong_plugin_pgwshard.clients.kong import KongAdmin
+from kong_plugin_pgwshard.core.ring import Ring
 from kong_plugin_pgwshard.harness.processes import wait_until
 from kong_plugin_pgwshard.sync.daemon import Daemon, Damper
 from kong_plugin_pgwshard.sync.settings import FileSdSettings, parse_settings
@@ -105,15 +110,31 @@ def test_the_damper_reads_a_clock_of_zero_as_a_time():
 
 
 def test_the_rebalancer_reads_one_immutable_membership(pushgateways, tmp_path):
+    """A pass reads daemon.placement once: a membership change must replace it whole, never
+    change the snapshot a running pass holds, and nothing may change that snapshot in place."""
     pgws = pushgateways(2)
     settings = parse_settings({"pushgateways": [p.address for p in pgws], "health": {"probes": PROBES},
                                "file_sd": {"path": str(tmp_path / "sd.json")},
                                "rebalance": {"enabled": False}}, "test")
     daemon = Daemon(settings)
     with running(daemon):
-        wait_until(lambda: len(daemon.placement[0].members) == 2, 10, what="the ring")
-        ring, instances = daemon.placement
-        assert isinstance(instances, tuple) and isinstance(daemon.known, frozenset)
+        wait_until(lambda: len(daemon.placement.ring.members) == 2, 10, what="the ring")
+        held = daemon.placement  # what a pass started now would read
+        members, instances, outages = held.ring.members, held.instances, dict(held.history.outages)
+        with pytest.raises(AttributeError):
+            held.ring = Ring()  # type: ignore[misc]
+        with pytest.raises(TypeError):
+            held.history.outages["10.9.9.9:9091"] = ()  # type: ignore[index]
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            held.history.outages = {}  # type: ignore[misc]
+        assert isinstance(held.instances, tuple)
+        pgws[1].kill()
+        wait_until(lambda: len(daemon.placement.ring.members) == 1, 10, what="the change")
+        # the change built a new placement, with the leaver's outage; the held one is untouched
+        now = daemon.placement
+        assert now is not held and now.history.out_since(pgws[1].address) is not None
+        assert (held.ring.members, held.instances, dict(held.history.outages)) == (members, instances, outages)
+        assert held.history.out_since(pgws[1].address) is None
 
 
 def test_a_failed_rebalance_copy_is_logged_with_its_group_and_the_answer(pushgateways, tmp_path, caplog):
@@ -124,6 +145,8 @@ def test_a_failed_rebalance_copy_is_logged_with_its_group_and_the_answer(pushgat
     from kong_plugin_pgwshard.clients.pushgateway import PushgatewayClient
     from kong_plugin_pgwshard.core.grouping import GroupingKey
     from kong_plugin_pgwshard.core.ring import Member, Ring
+    from kong_plugin_pgwshard.rebalance.history import MembershipHistory
+    from kong_plugin_pgwshard.sync.daemon import Placement
 
     pgws = pushgateways(2)
     ring = Ring(Member.parse(p.address) for p in pgws)
@@ -138,7 +161,7 @@ def test_a_failed_rebalance_copy_is_logged_with_its_group_and_the_answer(pushgat
                                "rebalance": {"enabled": True, "quiet": "0s"}}, "test")
     caplog.set_level(logging.INFO)
 
-    Daemon(settings)._reconcile(ring, tuple(ring.members))
+    Daemon(settings)._reconcile(Placement(ring, tuple(ring.members), MembershipHistory()), "test")
 
     assert "failed=0" not in caplog.text
     failure = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
