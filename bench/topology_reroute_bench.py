@@ -2,10 +2,11 @@
 push of a group it owned gets 200 through every proxying node, in real Kong 3.9.3.
 
     python bench/topology_reroute_bench.py [--trials 5] [--profile shipped|fast|both]
-        [--topology db|hybrid|hybrid-rpc|all]
+        [--topology dbless|db|hybrid|hybrid-rpc|all]
 
-The topologies are the tests' (harness/kong_topologies.py: README's lines, two DB-mode nodes or a
-control plane with two data planes, pgwshard-sync `kong.mode: admin` on probes). What adds up:
+The topologies are the tests' (harness/kong_topologies.py: README's lines, two DB-less nodes
+(pgwshard-sync `kong.mode: declarative`), two DB-mode nodes or a control plane with two data
+planes (`kong.mode: admin`), pgwshard-sync on probes). What adds up:
 - pgwshard-sync's probes notice the death (`health.probes`: interval x fall; a refused
   connection fails at once) and write the targets (DB mode: a node's Admin API; hybrid: the CP's);
 - hybrid only: the CP sends the change to the data planes (classic sync, or incremental sync
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from kong_plugin_pgwshard.core.grouping import parse_push_path
 from kong_plugin_pgwshard.harness.kong import kong_binary
-from kong_plugin_pgwshard.harness.kong_topologies import BODY, DbModeTopology, HybridTopology, Topology
+from kong_plugin_pgwshard.harness.kong_topologies import BODY, DblessTopology, DbModeTopology, HybridTopology, Topology
 from kong_plugin_pgwshard.harness.postgres import Postgres
 from kong_plugin_pgwshard.harness.processes import Pushgateway, http_request, wait_until
 
@@ -81,8 +82,13 @@ def trial(topo: Topology, victim_index: int, settle: float) -> float:
 
 def build(name: str, kong: str, pg: Postgres, profile: str) -> Topology:
     database = f"bench_{name.replace('-', '_')}_{profile}"
-    if name == "db":
-        topo: Topology = DbModeTopology(REPO, kong, pg, database)
+    if name == "dbless":
+        # one node: DB-less nodes on one host share the Status API port the plugin reads
+        # (reuseport), so a plugin could read the hash of one node and the targets of another,
+        # which no real node does (each reads its own 127.0.0.1:8007)
+        topo: Topology = DblessTopology(REPO, kong, nodes=1)
+    elif name == "db":
+        topo = DbModeTopology(REPO, kong, pg, database)
     else:
         topo = HybridTopology(REPO, kong, pg, database, rpc=name == "hybrid-rpc", cp_settings_extra=PROFILES[profile]["cp"])
     settings = PROFILES[profile]
@@ -98,13 +104,13 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--settle", type=float, default=6.0, help="seconds between a rejoin and the next death")
     parser.add_argument("--profile", choices=["shipped", "fast", "both"], default="both")
-    parser.add_argument("--topology", choices=["db", "hybrid", "hybrid-rpc", "all"], default="all")
+    parser.add_argument("--topology", choices=["dbless", "db", "hybrid", "hybrid-rpc", "all"], default="all")
     args = parser.parse_args()
     kong = kong_binary()
     if kong is None:
         sys.exit("no Kong: bash .ci/build-kong.sh, or set PGWSHARD_KONG")
     profiles = ["shipped", "fast"] if args.profile == "both" else [args.profile]
-    topologies = ["db", "hybrid", "hybrid-rpc"] if args.topology == "all" else [args.topology]
+    topologies = ["dbless", "db", "hybrid", "hybrid-rpc"] if args.topology == "all" else [args.topology]
     results: dict[tuple[str, str], list[float]] = {}
     with Postgres() as pg:
         for name in topologies:

@@ -115,7 +115,7 @@ class Kong:
         if plugin_lines is not None:
             server = plugin_server_command()
             for key, value in read_conf_lines(plugin_lines).items():
-                conf[key] = value.replace("/usr/local/bin/pgwshard-plugin", server).replace("/usr/local/kong", self.prefix)
+                conf[key] = self.localize(value, server)
         conf.update({
             "proxy_listen": f"127.0.0.1:{self.proxy_port}" if proxy else "off",
             "admin_listen": f"127.0.0.1:{self.admin_port}" if admin else "off",
@@ -129,6 +129,12 @@ class Kong:
         self.settings = conf
         self.conf_path = Path(temp_dir(f"pgwshard-{name}-conf-")) / "kong.conf"
         self.write_conf()
+
+    def localize(self, value: str, server: str | None = None) -> str:
+        """A kong.conf value as README and kong/kong.conf write it, for this node: /usr/local/kong
+        is its prefix, /usr/local/bin/pgwshard-plugin the installed server."""
+        return (value.replace("/usr/local/bin/pgwshard-plugin", server or plugin_server_command())
+                .replace("/usr/local/kong", self.prefix))
 
     def write_conf(self) -> None:
         self.conf_path.write_text("".join(f"{k} = {v}\n" for k, v in self.settings.items()))

@@ -1,4 +1,4 @@
-"""Kong in DB mode and in hybrid mode, set up from the lines a checkout's README "Kong
+"""Kong DB-less, in DB mode and in hybrid mode, set up from the lines a checkout's README "Kong
 topologies" gives, with its kong/kong.conf and kong/kong.yml:
 pushgateways, PostgreSQL (one session-scoped cluster, one database per topology), Kong nodes or a
 control plane with data planes, and pgwshard-sync (`kong.mode: admin`, probes) writing the
@@ -21,7 +21,14 @@ import yaml
 
 from ..core.grouping import GroupingKey, parse_push_path
 from ..core.ring import Member, Ring
-from .kong import Kong, bootstrap_database, cluster_certificate, control_plane_settings, data_plane_settings
+from .kong import (
+    Kong,
+    bootstrap_database,
+    cluster_certificate,
+    control_plane_settings,
+    data_plane_settings,
+    shipped_declarative,
+)
 from .postgres import Postgres
 from .processes import (
     ManagedProcess,
@@ -321,9 +328,10 @@ class HybridTopology(Topology):
         if self.rpc:
             # README: the two RPC lines, no start_cmd (pgwshard-plugin runs as its own service)
             rpc_lines = dict(self.rpc_dp)
-            if self.kong_starts:  # the socket line goes with the supervised server
+            if self.kong_starts:  # the socket and query lines go with the supervised server
                 rpc_lines.pop("pluginserver_pgwshard_socket")
-            settings.update(rpc_lines)
+                rpc_lines.pop("pluginserver_pgwshard_query_cmd")
+            settings.update({k: dp.localize(v) for k, v in rpc_lines.items()})
         if not self.kong_starts:
             dp.settings.pop("pluginserver_pgwshard_start_cmd")
             server = PluginServer(["--no-parent-watchdog"], prefix=dp.prefix)
@@ -352,3 +360,57 @@ class HybridTopology(Topology):
 
     def read_urls(self) -> list[str]:
         return [dp.status_url for dp in self.proxies]
+
+
+class DblessTopology(Topology):
+    """DB-less Kong nodes, README's "DB-less" lines: each starts from the shipped kong.yml (the
+    plugin reading its node's Status API), pgwshard-sync posts the file with the current targets
+    to every node's /config (README's pgwshard.yml block, `kong.mode: declarative`)."""
+
+    def __init__(self, repo: Path, kong_bin: str, nodes: int = 2):
+        super().__init__(repo)
+        try:
+            confs, yamls = readme_blocks(self.readme, "DB-less.")
+            (self.readme_conf,), (self.pgwshard_yml,) = confs, yamls
+            self.kong_yml_path = f"{self.dir}/kong.yml"
+            self.shared_status_port = free_port()
+            self.plugin_admin_url = f"http://127.0.0.1:{self.shared_status_port}"
+            Path(self.kong_yml_path).write_text(yaml.safe_dump(shipped_declarative(
+                self.kong_yml, [p.address for p in self.pgws], self.plugin_admin_url)))
+            for n in range(nodes):
+                node = Kong({}, self.kong_conf, kong_bin, name=f"dbless{n}")
+                node.settings.update({
+                    **self.readme_conf, "declarative_config": self.kong_yml_path,
+                    "admin_listen": node.settings["admin_listen"],
+                    # every node's plugin reads 127.0.0.1:<shared> (README: 8007); its own port beside it
+                    "status_listen": f"127.0.0.1:{self.shared_status_port} reuseport, {node.settings['status_listen']}"})
+                node.write_conf()
+                self.proxies.append(node)
+            self.writer = self.proxies[0]
+            for node in self.proxies:
+                node.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def start_sync(self, weights: dict[str, int] | None = None, probes: dict | None = None) -> ManagedProcess:
+        self.pgwshard_yml = json.loads(json.dumps(self.pgwshard_yml))
+        self.pgwshard_yml["kong"].update({"declarative_file": self.kong_yml_path,
+                                          "nodes": [n.admin_url for n in self.proxies]})
+        return super().start_sync(weights, probes)
+
+    def patch_plugin(self, config: dict) -> None:
+        """The plugin's config in the file every node loads (DB-less: no Admin API writes), posted
+        to each node, as pgwshard-sync will post it from then on."""
+        doc = yaml.safe_load(Path(self.kong_yml_path).read_text())
+        for service in doc["services"]:
+            for plugin in service.get("plugins", []):
+                if plugin["name"] == "pgwshard":
+                    plugin["config"].update(config)
+        Path(self.kong_yml_path).write_text(yaml.safe_dump(doc))
+        for node in self.proxies:
+            status, body = admin(node.admin_url, "POST", "/config", doc)
+            assert status == 201, body
+
+    def read_urls(self) -> list[str]:
+        return [n.status_url for n in self.proxies]
