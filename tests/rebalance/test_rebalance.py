@@ -1,6 +1,8 @@
 """Rebalancing with real pushgateways (and a real Prometheus watching them)."""
 from __future__ import annotations
 
+import contextlib
+
 import time
 import urllib.request
 from types import SimpleNamespace
@@ -68,6 +70,11 @@ def placement(pgws) -> dict[GroupingKey, list[tuple[str, int]]]:
 
 
 def assert_each_on_owner_only(ring: Ring, pgws, expected: dict[GroupingKey, int]) -> None:
+    # a pushgateway applies a DELETE after its 202 (queued behind earlier writes): wait for the
+    # state, then assert it with its details
+    want = {key: [(ring.owner(key).name, value)] for key, value in expected.items()}
+    with contextlib.suppress(TimeoutError):
+        wait_until(lambda: placement(pgws) == want, 10, what="every group on its owner only")
     found = placement(pgws)
     assert set(found) == set(expected)
     for key, copies in found.items():
