@@ -221,6 +221,15 @@ class Topology:
         for node in self.proxies:
             wait_until(lambda node=node: active(node), timeout, interval=0.2, what=f"the plugin on {node.name}")
 
+    def wait_ready(self, paths: list[str]) -> None:
+        """pgwshard-sync started, every node listing every pushgateway and routing `paths` by
+        that full ring: a node's plugin may still hold the ring it read before pgwshard-sync's
+        first write (in DB mode until its next refresh_interval, 2 s)."""
+        self.start_sync()
+        self.wait_targets({p.address for p in self.pgws})
+        self.wait_plugin()
+        wait_until(lambda: self.routed_to_owners(paths), 30, interval=0.2, what="every node on the full ring")
+
     def routed_to_owners(self, paths: list[str]) -> bool:
         """Pushes of `paths` through every node all land on their owner only, from empty
         pushgateways (copies pushed before a change would stay: pgwshard-sync's rebalancer,

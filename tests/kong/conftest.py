@@ -183,3 +183,12 @@ def postgres(kong_bin):
     cluster = Postgres().start()
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(kong_bin):
+    """A DB-less gateway per test module, all targets listed (tests that keep membership as is)."""
+    world = DblessGateway(kong_bin)
+    world.wait_targets({p.address for p in world.pgws})
+    yield world
+    world.stop()

@@ -34,13 +34,7 @@ PATHS = [f"/metrics/job/db-fleet/instance/i{n}" for n in range(40)] + [
 def db(kong_bin, postgres):
     topo = DbModeTopology(REPO, kong_bin, postgres, "kong_db_mode")
     try:
-        topo.start_sync()
-        topo.wait_targets({p.address for p in topo.pgws})
-        topo.wait_plugin()
-        # each node's plugin may still hold the ring it read before pgwshard-sync's first write
-        # (in DB mode until its next refresh_interval, 2 s): wait until every node routes by
-        # the full one
-        wait_until(lambda: topo.routed_to_owners(PATHS), 30, interval=0.2, what="every node on the full ring")
+        topo.wait_ready(PATHS)
         yield topo
     finally:
         topo.stop()

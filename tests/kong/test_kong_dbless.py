@@ -14,19 +14,11 @@ from kong_plugin_pgwshard.harness.kong import Kong, read_conf_lines
 from kong_plugin_pgwshard.harness.processes import http_request, wait_until
 from tests.support import REPO
 
-from .conftest import KONG_CONF, DblessGateway
+from .conftest import KONG_CONF
 
 pytestmark = pytest.mark.kong
 
 BODY = b"# TYPE kong_items counter\nkong_items 3\n"
-
-
-@pytest.fixture(scope="module")
-def gateway(kong_bin):
-    world = DblessGateway(kong_bin)
-    world.wait_targets({p.address for p in world.pgws})
-    yield world
-    world.stop()
 
 
 def test_the_shipped_kong_conf_passes_kong_check(kong_bin, tmp_path):

@@ -28,13 +28,7 @@ def hybrid(request, kong_bin, postgres):
     rpc = request.param == "rpc"
     topo = HybridTopology(REPO, kong_bin, postgres, f"kong_hybrid_{request.param}", rpc=rpc)
     try:
-        topo.start_sync()
-        topo.wait_targets({p.address for p in topo.pgws})
-        topo.wait_plugin()
-        # each node's plugin may still hold the ring it read before pgwshard-sync's first write
-        # (in DB mode until its next refresh_interval, 2 s): wait until every node routes by
-        # the full one
-        wait_until(lambda: topo.routed_to_owners(PATHS), 30, interval=0.2, what="every node on the full ring")
+        topo.wait_ready(PATHS)
         yield topo
     finally:
         topo.stop()

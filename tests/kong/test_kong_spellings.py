@@ -30,14 +30,6 @@ VECTORS = json.loads((Path(__file__).parents[1] / "vectors" / "grouping.json").r
 JOBS = 9  # spellings of 9 groups each: Kong's own hash_on path picks the owner for all 9 by chance 1 in 3**9
 
 
-@pytest.fixture(scope="module")
-def gateway(kong_bin):
-    world = DblessGateway(kong_bin)
-    world.wait_targets({p.address for p in world.pgws})
-    yield world
-    world.stop()
-
-
 # (raw path with J for the job, the labels Pushgateway stores besides job)
 SPELLINGS = [
     (b"/metrics/job/J/instance/a", {"instance": "a"}),
