@@ -109,7 +109,7 @@ class _Stack:
         self.delete_port = free_port() if delete_api else None
         config = self.work / "pgwshard.yml"
         deletes = {"deletes": {"listen": f"127.0.0.1:{self.delete_port}",
-                               "tombstone_file": str(self.work / "tombstones.json")}} if delete_api else {}
+                               "tombstone_file": str(self.work / "tombstones")}} if delete_api else {}
         config.write_text(json.dumps({
             "pushgateways": [p.address for p in self.pgws],
             "health": {"source": "probes", "probes": {"interval": "1s", "timeout": "0.5s", "rise": 2, "fall": 2}},
